@@ -1,0 +1,85 @@
+"""The contract between the HTTP layer and the inference engine.
+
+Plain dataclasses, separate from the wire schema (utils/protocol.py) and free
+of OpenVINO types, so they pickle cheaply across the engine process boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int = 42
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    json_schema: str | None = None  # structured output, a JSON schema as text
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    # Chat turns; each content is text in which `<ov_genai_image_N>` and
+    # `<ov_genai_video_N>` tags mark where images[N] and videos[N] belong.
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, HWC
+    videos: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, FHWC
+
+
+@dataclass(slots=True)
+class GenerationEvent:
+    """New output of one choice: text since the previous event of that choice."""
+
+    index: int
+    text: str
+    completion_tokens: int  # tokens generated so far for this choice
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0  # prompt length with visual tokens, once known
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str  # the name clients use
+    model_type: str  # Hugging Face model_type, e.g. qwen2_vl
+    path: str
+    supports_video: bool
+    max_context: int  # tokens
+
+
+class Engine(Protocol):
+    """What the HTTP layer needs from an engine."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream events for every choice until each has a finish_reason.
+
+        Raises OpenAIError: 400 when the prompt with its visual tokens does not
+        fit the context, 429 when the queue is full, 503 while not ready, 504
+        on timeout, 500 when the engine fails. Closing the iterator early
+        cancels the request.
+        """
+        ...
+
+    def stats(self) -> dict[str, float]: ...

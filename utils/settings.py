@@ -1,0 +1,175 @@
+"""The server's settings: one class, read from VLM_* environment variables and .env.
+
+Every field has a default and a description; README's settings table lists the
+same variables (tests/test_settings_doc.py keeps the two in agreement).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+EMBEDDED_PREFIX = "embedded/"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            return json.loads(value)
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VLM_",
+        env_file=".env",
+        extra="ignore",
+        protected_namespaces=(),
+        validate_default=True,
+    )
+
+    # --- model and export -------------------------------------------------
+    model_name: str = Field(
+        "embedded/tiny-qwen2-vl",
+        description="Hugging Face model id or local directory to serve. "
+        "`embedded/tiny-qwen2-vl` and `embedded/tiny-llava` are tiny random-weight "
+        "models built offline (their answers are random text).",
+    )
+    served_model_name: str | None = Field(
+        None, description="Name reported by /v1/models and accepted in requests "
+        "(default: VLM_MODEL_NAME)."
+    )
+    model_cache_dir: Path = Field(
+        Path("models"), description="Directory that holds exported OpenVINO IR models."
+    )
+    compression_weight_format: Literal["int4", "int8", "fp16"] = Field(
+        "int4", description="Weight format of the exported language model."
+    )
+    compression_group_size: int = Field(
+        128, ge=-1, description="int4 group size (-1: per channel)."
+    )
+    compression_ratio: float = Field(
+        1.0, gt=0.0, le=1.0, description="Share of int4 layers (the rest are int8)."
+    )
+    compression_sym: bool = Field(False, description="Symmetric int4/int8 quantization.")
+    trust_remote_code: bool = Field(
+        False, description="Allow model repositories that ship their own Python code."
+    )
+
+    # --- device -----------------------------------------------------------
+    device: str = Field(
+        "CPU", description="OpenVINO device: CPU, GPU, GPU.N, AUTO, HETERO:..., MULTI:..."
+    )
+    ov_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Extra OpenVINO properties as JSON, e.g. {"PERFORMANCE_HINT": "LATENCY"}.',
+    )
+    compiled_cache_dir: Path | None = Field(
+        None,
+        description="OpenVINO CACHE_DIR for compiled models (default on GPU: "
+        "<model_cache_dir>/compiled).",
+    )
+
+    # --- server -----------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address the server listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    api_keys: CsvList = Field(
+        default_factory=list,
+        description="Comma-separated API keys; when set, every route but /health needs "
+        "`Authorization: Bearer <key>`.",
+    )
+    cors_origins: CsvList = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS (off when empty)."
+    )
+
+    # --- generation defaults ----------------------------------------------
+    seed: int = Field(42, description="Sampling seed used when a request gives none.")
+    default_max_tokens: int = Field(
+        512, ge=1, description="Output token limit when a request gives none."
+    )
+
+    # --- engine and scheduling --------------------------------------------
+    engine: Literal["auto", "continuous_batching", "vlm_pipeline"] = Field(
+        "auto",
+        description="Inference engine; auto uses continuous batching and falls back to "
+        "VLMPipeline for models it cannot run.",
+    )
+    max_queue: int = Field(
+        64, ge=1, description="Requests waiting or running at once; more get 429."
+    )
+    max_num_seqs: int = Field(16, ge=1, description="Sequences batched together per step.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=64, description="Tokens processed per scheduler step."
+    )
+    kv_cache_size_gb: float = Field(
+        2.0, gt=0.0, description="KV cache size in GB (continuous batching)."
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV cache of a shared prompt prefix across requests."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0.0, description="Longest time one request may wait and run."
+    )
+
+    # --- media and limits -------------------------------------------------
+    max_images_per_request: int = Field(16, ge=0, description="Images allowed in one request.")
+    max_videos_per_request: int = Field(2, ge=0, description="Videos allowed in one request.")
+    max_video_frames: int = Field(32, ge=1, description="Frames sampled from one video at most.")
+    video_fps: float = Field(1.0, gt=0.0, description="Default frame sampling rate of video_url.")
+    image_max_pixels: int = Field(
+        1024 * 1024, ge=28 * 28, description="Images are downscaled to fit this many pixels."
+    )
+    video_max_pixels: int = Field(
+        360 * 420, ge=28 * 28, description="Video frames are downscaled to fit this many pixels."
+    )
+    max_decoded_pixels: int = Field(
+        40_000_000, ge=1, description="Largest image (width x height) accepted for decoding."
+    )
+    max_media_bytes: int = Field(
+        20 * 1024 * 1024, ge=1, description="Largest single image or video download, in bytes."
+    )
+    max_request_media_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest total media per request, in bytes."
+    )
+    max_body_bytes: int = Field(
+        96 * 1024 * 1024, ge=1024, description="Largest request body, in bytes."
+    )
+    media_connect_timeout_s: float = Field(5.0, gt=0.0, description="Media URL connect timeout.")
+    media_timeout_s: float = Field(30.0, gt=0.0, description="Media URL total download timeout.")
+    media_allowed_domains: CsvList = Field(
+        default_factory=list,
+        description="If set, media URLs must be on these domains (or their subdomains).",
+    )
+    media_allow_private_networks: bool = Field(
+        False, description="Allow media URLs that resolve to loopback or private addresses."
+    )
+    media_local_dir: Path | None = Field(
+        None, description="If set, file:// media URLs may read files under this directory."
+    )
+
+    @field_validator("api_keys", "cors_origins", "media_allowed_domains", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device_upper(cls, value: str) -> str:
+        return value.strip().upper() if ":" not in value else value.strip()
+
+    @property
+    def public_model_name(self) -> str:
+        return self.served_model_name or self.model_name
