@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 EMBEDDED_PREFIX = "embedded/"
 
@@ -46,8 +45,9 @@ class Settings(BaseSettings):
         "models built offline (their answers are random text).",
     )
     served_model_name: str | None = Field(
-        None, description="Name reported by /v1/models and accepted in requests "
-        "(default: VLM_MODEL_NAME)."
+        None,
+        description="Name reported by /v1/models and accepted in requests "
+        "(default: VLM_MODEL_NAME).",
     )
     model_cache_dir: Path = Field(
         Path("models"), description="Directory that holds exported OpenVINO IR models."
@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     )
     compiled_cache_dir: Path | None = Field(
         None,
-        description="OpenVINO CACHE_DIR for compiled models (default on GPU: "
-        "<model_cache_dir>/compiled).",
+        description="OpenVINO CACHE_DIR for compiled models, on any device (default: "
+        "<model_cache_dir>/compiled when VLM_DEVICE names a GPU, none otherwise).",
     )
 
     # --- server -----------------------------------------------------------
@@ -92,7 +92,8 @@ class Settings(BaseSettings):
         "`Authorization: Bearer <key>`.",
     )
     cors_origins: CsvList = Field(
-        default_factory=list, description="Comma-separated origins allowed by CORS (off when empty)."
+        default_factory=list,
+        description="Comma-separated origins allowed by CORS (off when empty).",
     )
 
     # --- generation defaults ----------------------------------------------
@@ -168,8 +169,35 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device_upper(cls, value: str) -> str:
-        return value.strip().upper() if ":" not in value else value.strip()
+        return value.strip().upper()  # OpenVINO device names are upper case
 
     @property
     def public_model_name(self) -> str:
         return self.served_model_name or self.model_name
+
+
+class SettingsLoadError(ValueError):
+    """Settings that cannot be loaded, explained per VLM_* variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """`Settings(**overrides)`, raising SettingsLoadError with one readable line per bad
+    variable (e.g. `VLM_PORT='abc': Input should be a valid integer`) instead of
+    pydantic's report."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "VLM_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+            value = error.get("input")
+            shown = value if isinstance(value, str) else json.dumps(value, default=str)
+            lines.append(f"{name}={shown!r}: {error['msg']}")
+        raise SettingsLoadError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    except SettingsError as exc:  # a value that had to be JSON and was not
+        field = str(exc).split('"')[1] if '"' in str(exc) else "?"
+        hint = ' Expected a JSON object, e.g. {"PERFORMANCE_HINT": "LATENCY"}.'
+        raise SettingsLoadError(
+            f"VLM_{field.upper()} is not valid JSON ({exc.__cause__})."
+            + (hint if field == "ov_config" else "")
+        ) from None

@@ -1,0 +1,414 @@
+"""OpenVINO devices: the /device routes and the start-up checks of VLM_DEVICE and
+VLM_OV_CONFIG.
+
+Every Core call blocks (the first one loads device plugins), so the routes run
+them in a thread. One Core is created lazily and reused; tests substitute a
+Core with `app.state.devices = DeviceService(core_factory)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple, Protocol
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+
+from utils.errors import OpenAIError
+from utils.settings import Settings
+
+__all__ = [
+    "CoreLike",
+    "DeviceError",
+    "DeviceService",
+    "DeviceSpec",
+    "check_device",
+    "engine_properties",
+    "get_device_service",
+    "parse_device",
+    "router",
+    "validate_ov_config",
+]
+
+logger = logging.getLogger(__name__)
+
+VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
+_PHYSICAL = re.compile(r"^[A-Z][A-Z0-9_]*(\.[0-9]+)?$")
+# Properties whose values describe the device rather than tune it.
+_MEMORY_PROPERTIES = ("GPU_DEVICE_TOTAL_MEM_SIZE", "NPU_DEVICE_TOTAL_MEM_SIZE")
+
+
+class CoreLike(Protocol):
+    """The part of `openvino.Core` this module uses."""
+
+    @property
+    def available_devices(self) -> list[str]: ...
+
+    def get_property(self, device_name: str, name: str) -> Any: ...
+
+
+class DeviceError(ValueError):
+    """A device or OpenVINO property setting that cannot work on this machine."""
+
+
+def _default_core() -> CoreLike:
+    import openvino
+
+    return openvino.Core()
+
+
+# --- VLM_DEVICE --------------------------------------------------------------
+
+
+class DeviceSpec(NamedTuple):
+    """VLM_DEVICE taken apart: "AUTO:GPU,-CPU" -> ("AUTO", ["GPU"], ["CPU"])."""
+
+    virtual: str | None  # AUTO, HETERO, MULTI, BATCH or None for one physical device
+    include: list[str]
+    exclude: list[str]  # AUTO only: "-NAME" removes a candidate
+
+
+def parse_device(device: str) -> DeviceSpec:
+    """Check the syntax of a device string: CPU, GPU, GPU.N, AUTO, AUTO:..., HETERO:...,
+    MULTI:... (and BATCH:...). Raises DeviceError."""
+    text = device.strip().upper()
+    if not text:
+        raise DeviceError("VLM_DEVICE is empty; use CPU, GPU, GPU.N, AUTO, HETERO:... or MULTI:...")
+    head, sep, tail = text.partition(":")
+    if head not in VIRTUAL_DEVICES:
+        if sep or not _PHYSICAL.match(text):
+            raise DeviceError(
+                f"VLM_DEVICE={device!r} is not a device name; use CPU, GPU, GPU.N, AUTO, "
+                "AUTO:GPU,CPU, HETERO:GPU,CPU or MULTI:GPU,CPU."
+            )
+        return DeviceSpec(None, [text], [])
+    items = [item.strip() for item in tail.split(",")] if sep else []
+    if head != "AUTO" and not items:
+        raise DeviceError(f"VLM_DEVICE={device!r} needs a list of devices, e.g. {head}:GPU,CPU.")
+    include = [item for item in items if not item.startswith("-")]
+    exclude = [item[1:] for item in items if item.startswith("-")]
+    if exclude and head != "AUTO":
+        raise DeviceError(f"VLM_DEVICE={device!r}: only AUTO can exclude a device with '-'.")
+    bad = [
+        name or "(empty)"
+        for name in include + exclude
+        if not _PHYSICAL.match(name) or name.split(".")[0] in VIRTUAL_DEVICES
+    ]
+    if bad:
+        raise DeviceError(f"VLM_DEVICE={device!r}: {', '.join(bad)} is not a device name.")
+    return DeviceSpec(head, include, exclude)
+
+
+def _match(name: str, available: Iterable[str]) -> str | None:
+    """The available device that `name` means ("GPU" is "GPU.0" when GPUs are numbered,
+    and "GPU.0" is "GPU" when there is a single one), or None."""
+    available = list(available)
+    if name in available:
+        return name
+    base, _, index = name.partition(".")
+    if not index:
+        numbered = sorted(d for d in available if d.startswith(base + "."))
+        return numbered[0] if numbered else None
+    if index == "0" and base in available:
+        return base
+    return None
+
+
+def resolve_device(device: str, available: list[str]) -> list[str]:
+    """The available devices the model may run on with VLM_DEVICE=device.
+
+    Raises DeviceError naming what is available when a named device is missing.
+    """
+    spec = parse_device(device)
+    found = {name: _match(name, available) for name in spec.include}
+    missing = [name for name, match in found.items() if match is None]
+    if missing:
+        raise DeviceError(
+            f"VLM_DEVICE={device!r}: {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not available on this machine. "
+            f"Available devices: {', '.join(available) or 'none'}."
+            + (_GPU_HINT if any(m.startswith("GPU") for m in missing) else "")
+        )
+    targets = [match for match in found.values() if match is not None]
+    if spec.virtual == "AUTO" and not spec.include:
+        excluded = {_match(name, available) for name in spec.exclude}
+        targets = [d for d in available if d not in excluded]
+        if not targets:
+            raise DeviceError(
+                f"VLM_DEVICE={device!r} leaves no device to run on. "
+                f"Available devices: {', '.join(available) or 'none'}."
+            )
+    return list(dict.fromkeys(targets))
+
+
+_GPU_HINT = (
+    " An Intel GPU shows up only with its user-space driver installed (intel-opencl-icd) "
+    "and /dev/dri/renderD* readable by this user (render group); in Docker use "
+    "compose.gpu.yaml."
+)
+
+
+# --- VLM_OV_CONFIG -----------------------------------------------------------
+
+_PROPERTY_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.]*$")
+
+
+def validate_ov_config(config: Any, *, where: str = "VLM_OV_CONFIG") -> dict[str, Any]:
+    """Check that config maps OpenVINO property names to plain values.
+
+    Values may be strings, numbers, booleans or (for per-device properties such
+    as DEVICE_PROPERTIES) objects of the same kind.
+    """
+    if not isinstance(config, dict):
+        raise DeviceError(
+            f'{where} must be a JSON object such as {{"PERFORMANCE_HINT": "LATENCY"}}, '
+            f"not {type(config).__name__}."
+        )
+    for key, value in config.items():
+        if not isinstance(key, str) or not _PROPERTY_NAME.match(key):
+            raise DeviceError(f"{where}: {key!r} is not an OpenVINO property name.")
+        if isinstance(value, dict):
+            validate_ov_config(value, where=f"{where}.{key}")
+        elif value is None or not isinstance(value, (str, int, float, bool)):
+            raise DeviceError(
+                f"{where}.{key} must be a string, number, boolean or object, "
+                f"not {_json_type(value)}."
+            )
+    return config
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_device(settings: Settings, core: CoreLike | None = None) -> list[str]:
+    """Validate VLM_DEVICE against the machine and VLM_OV_CONFIG; return the
+    devices the model may run on. Raises DeviceError with a readable message."""
+    validate_ov_config(settings.ov_config)
+    core = core or _default_core()
+    available = list(core.available_devices)
+    devices = resolve_device(settings.device, available)
+    _warn_unknown_properties(settings.ov_config, devices, core)
+    return devices
+
+
+def _warn_unknown_properties(config: dict[str, Any], devices: list[str], core: CoreLike) -> None:
+    # OpenVINO GenAI accepts properties of its own (and CACHE_DIR is a Core
+    # property), so an unknown name is worth a warning, not a refusal.
+    known: set[str] = {"CACHE_DIR", "DEVICE_PROPERTIES"}
+    for device in devices:
+        try:
+            known.update(core.get_property(device, "SUPPORTED_PROPERTIES"))
+        except Exception:  # a plugin that cannot list them: nothing to compare with
+            return
+    for key in config:
+        if key not in known:
+            logger.warning(
+                "VLM_OV_CONFIG: %s is not a property of %s; OpenVINO may reject it",
+                key,
+                ", ".join(devices),
+            )
+
+
+def uses_gpu(device: str) -> bool:
+    try:
+        spec = parse_device(device)
+    except DeviceError:
+        return False
+    return any(name.split(".")[0] == "GPU" for name in spec.include)
+
+
+def compiled_cache_dir(settings: Settings) -> Path | None:
+    """Where compiled models are cached: VLM_COMPILED_CACHE_DIR, else on GPU
+    <model_cache_dir>/compiled (GPU kernels take long to compile; the cache
+    makes the second start fast), else nowhere."""
+    if settings.compiled_cache_dir is not None:
+        return settings.compiled_cache_dir.expanduser().resolve()
+    if uses_gpu(settings.device):
+        return (settings.model_cache_dir.expanduser() / "compiled").resolve()
+    return None
+
+
+def engine_properties(settings: Settings) -> dict[str, Any]:
+    """The OpenVINO properties the engine passes to its pipeline: VLM_OV_CONFIG
+    plus CACHE_DIR (see compiled_cache_dir) unless VLM_OV_CONFIG sets its own."""
+    properties = dict(validate_ov_config(settings.ov_config))
+    cache_dir = compiled_cache_dir(settings)
+    if cache_dir is not None and "CACHE_DIR" not in properties:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        properties["CACHE_DIR"] = str(cache_dir)
+    return properties
+
+
+# --- describing devices ------------------------------------------------------
+
+
+def to_json(value: Any) -> Any:
+    """OpenVINO property values as JSON-safe values."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(to_json(k)): to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [to_json(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
+    if hasattr(value, "get_type_name"):  # openvino.Type, e.g. f32
+        return value.get_type_name()
+    name = getattr(value, "name", None)
+    if isinstance(name, str) and hasattr(value, "__int__"):  # pybind11 enums
+        return name if name.isidentifier() else int(value)
+    return str(value)
+
+
+class DeviceService:
+    """Device queries on one lazily created Core, run off the event loop."""
+
+    def __init__(self, core_factory: Callable[[], CoreLike] = _default_core) -> None:
+        self._factory = core_factory
+        self._core: CoreLike | None = None
+        self._lock = threading.Lock()
+
+    def core(self) -> CoreLike:
+        with self._lock:
+            if self._core is None:
+                self._core = self._factory()
+            return self._core
+
+    # Blocking helpers (call them in a thread).
+
+    def available(self) -> list[str]:
+        return list(self.core().available_devices)
+
+    def properties(self, name: str) -> dict[str, Any]:
+        """Every readable property of a device, as JSON-safe values."""
+        core = self.core()
+        supported = core.get_property(name, "SUPPORTED_PROPERTIES")
+        out: dict[str, Any] = {}
+        for prop in supported:
+            if prop == "SUPPORTED_PROPERTIES":
+                continue
+            mode = supported.get(prop) if isinstance(supported, dict) else None
+            if mode is not None and str(mode).upper() == "WO":
+                continue
+            try:
+                out[str(prop)] = to_json(core.get_property(name, prop))
+            except Exception as exc:  # some properties cannot be read outside a model
+                logger.debug("%s: cannot read %s: %s", name, prop, exc)
+        return out
+
+    def summary(self, name: str, properties: dict[str, Any] | None = None) -> dict[str, Any]:
+        props = properties if properties is not None else self.properties(name)
+        device_type = props.get("DEVICE_TYPE")
+        memory = {key: props[key] for key in _MEMORY_PROPERTIES if key in props}
+        return {
+            "name": name,
+            "full_name": props.get("FULL_DEVICE_NAME", name),
+            "type": device_type.lower() if isinstance(device_type, str) else device_type,
+            "architecture": props.get("DEVICE_ARCHITECTURE"),
+            "capabilities": props.get("OPTIMIZATION_CAPABILITIES", []),
+            "memory_bytes": next(iter(memory.values()), None),
+        }
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        return [self.summary(name) for name in self.available()]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """Summary plus every readable property of one device."""
+        available = self.available()
+        found = _match(name.strip().upper(), available)
+        if found is None:
+            raise OpenAIError(
+                404,
+                f"Device {name!r} not found. Available devices: {', '.join(available) or 'none'}.",
+                param="device",
+                code="device_not_found",
+            )
+        props = self.properties(found)
+        return {**self.summary(found, props), "properties": props}
+
+    def targets(self, device: str) -> list[str]:
+        """Devices VLM_DEVICE resolves to here ([] when it does not resolve)."""
+        try:
+            return resolve_device(device, self.available())
+        except DeviceError:
+            return []
+
+
+def get_device_service(app: FastAPI) -> DeviceService:
+    service = getattr(app.state, "devices", None)
+    if service is None:
+        service = app.state.devices = DeviceService()
+    return service
+
+
+def _service(request: Request) -> DeviceService:
+    return get_device_service(request.app)
+
+
+Devices = Annotated[DeviceService, Depends(_service)]
+
+router = APIRouter(tags=["devices"])
+
+
+def _model_status(request: Request, targets: list[str]) -> dict[str, Any]:
+    settings: Settings = request.app.state.settings
+    engine = getattr(request.app.state, "engine", None)
+    return {
+        "name": settings.public_model_name,
+        "device": settings.device,
+        "devices": targets,
+        "loaded": engine is not None and bool(engine.ready),
+    }
+
+
+async def _describe(request: Request, devices: DeviceService, name: str) -> dict[str, Any]:
+    def work() -> tuple[dict[str, Any], list[str]]:
+        return devices.describe(name), devices.targets(request.app.state.settings.device)
+
+    described, targets = await asyncio.to_thread(work)
+    return {
+        "object": "device",
+        **described,
+        "active": described["name"] in targets,
+        "model": _model_status(request, targets),
+    }
+
+
+@router.get("/device")
+async def list_devices(request: Request, devices: Devices) -> dict[str, Any]:
+    """The OpenVINO devices on this machine and the one the model runs on."""
+
+    def work() -> tuple[list[dict[str, Any]], list[str]]:
+        return devices.list_devices(), devices.targets(request.app.state.settings.device)
+
+    listed, targets = await asyncio.to_thread(work)
+    data = [{"object": "device", **d, "active": d["name"] in targets} for d in listed]
+    return {"object": "list", "data": data, "model": _model_status(request, targets)}
+
+
+@router.get("/device/{name}")
+async def get_device(name: str, request: Request, devices: Devices) -> dict[str, Any]:
+    """One device: summary, every readable property, and whether the model runs on it."""
+    return await _describe(request, devices, name)
+
+
+@router.post("/device")
+async def post_device(
+    request: Request,
+    devices: Devices,
+    device: Annotated[str, Query(min_length=1, description="Device name, e.g. CPU or GPU.0")],
+) -> dict[str, Any]:
+    """Same as GET /device/{name}, with the name in the `device` query parameter."""
+    return await _describe(request, devices, device)
