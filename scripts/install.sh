@@ -7,7 +7,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python=${PYTHON:-python3}
+# The project supports Python 3.10 to 3.12: python3 if it is one of those, else the
+# newest of them that runs.
+python=${PYTHON:-}
+if [[ -z $python ]]; then
+    for candidate in python3 python3.12 python3.11 python3.10; do
+        if "$candidate" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info < (3, 13))' \
+            >/dev/null 2>&1; then
+            python=$candidate
+            break
+        fi
+    done
+    if [[ -z $python ]]; then
+        echo "[install] error: needs Python 3.10, 3.11 or 3.12 (set PYTHON=/path/to/python)" >&2
+        exit 1
+    fi
+fi
 groups=${VLM_INSTALL_GROUPS-export,dev}
 poetry_version=2.5.1
 stamp=.venv/.installed
@@ -26,7 +41,7 @@ fi
 
 export POETRY_VIRTUALENVS_IN_PROJECT=true POETRY_VIRTUALENVS_PREFER_ACTIVE_PYTHON=true
 [[ -d .venv ]] || "$python" -m venv .venv
-args=(install --no-interaction --sync)
+args=(sync --no-interaction)
 [[ -n $groups ]] && args+=(--with "$groups")
 echo "[install] poetry ${args[*]}" >&2
 start=$SECONDS
