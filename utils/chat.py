@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from utils.errors import OpenAIError, bad_request
 from utils.generation import Engine, GenerationEvent, GenerationRequest, ModelInfo, SamplingParams
@@ -578,7 +579,10 @@ _REQUEST_SCHEMA = _inline_refs(ChatCompletionRequest.model_json_schema(by_alias=
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nobody reads the answer
+        raise OpenAIError(499, "The client closed the request.", code="client_closed") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
