@@ -1,0 +1,476 @@
+#!/usr/bin/env python
+"""Benchmark an OpenAI-compatible chat endpoint, or the raw OpenVINO pipeline.
+
+Server mode drives `/v1/chat/completions` with N concurrent streaming clients for a
+fixed number of requests, each with a locally generated image (as a data URL) and a
+fixed output length (`max_completion_tokens` plus the `min_tokens` / `ignore_eos`
+extension fields), and prints TTFT, inter-token latency, per-request and aggregate
+output tokens/s and errors. `--health` also probes `/health` while streams run.
+
+Raw mode (`--raw MODEL_DIR`) runs the same inputs through OpenVINO GenAI in this
+process: `VLMPipeline` for one stream, `ContinuousBatchingPipeline` for several; with
+`--save` and `--baseline` the two runs give the server's overhead as a ratio.
+
+    python scripts/benchmark.py --url http://127.0.0.1:8000 -c 4 -n 8 --save server.json
+    python scripts/benchmark.py --raw models/my-model -c 4 -n 8 --save raw.json
+    python scripts/benchmark.py --url http://127.0.0.1:8000 -c 4 -n 8 --baseline raw.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import itertools
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+DEFAULT_PROMPT = "Describe this image in detail."
+
+
+@dataclass
+class Sample:
+    start: float
+    first: float | None = None  # first output text
+    end: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str | None = None
+
+
+def make_image(size: int, seed: int = 0) -> np.ndarray:
+    """A smooth random-looking RGB picture (compresses like a photo, not like noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size, 1)
+    channels = [
+        np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)
+    ]
+    image = (np.stack(channels, axis=-1) * 0.5 + 0.5) * 255
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def image_data_url(image: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summarize(samples: list[Sample], wall: float, label: str) -> dict[str, Any]:
+    ok = [s for s in samples if s.error is None and s.first is not None and s.end is not None]
+    ttft = [(s.first - s.start) * 1000 for s in ok]  # type: ignore[operator]
+    itl: list[float] = []
+    per_request: list[float] = []
+    decode_rate: list[float] = []
+    for s in ok:
+        times = s.token_times
+        itl += [(b - a) * 1000 for a, b in itertools.pairwise(times)]
+        per_request.append(s.tokens / (s.end - s.start))  # type: ignore[operator]
+        if s.tokens > 1 and s.end > s.first:  # type: ignore[operator]
+            decode_rate.append((s.tokens - 1) / (s.end - s.first))  # type: ignore[operator]
+    total_tokens = sum(s.tokens for s in ok)
+    return {
+        "label": label,
+        "requests": len(samples),
+        "errors": len(samples) - len(ok),
+        "error_examples": sorted({s.error for s in samples if s.error})[:3],
+        "wall_s": wall,
+        "output_tokens": total_tokens,
+        "ttft_ms_p50": percentile(ttft, 50),
+        "ttft_ms_p95": percentile(ttft, 95),
+        "itl_ms_mean": statistics.fmean(itl) if itl else float("nan"),
+        "itl_ms_p50": percentile(itl, 50),
+        "itl_ms_p95": percentile(itl, 95),
+        "request_tok_s_mean": statistics.fmean(per_request) if per_request else float("nan"),
+        "decode_tok_s_mean": statistics.fmean(decode_rate) if decode_rate else float("nan"),
+        "aggregate_tok_s": total_tokens / wall if wall > 0 else float("nan"),
+    }
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    print(f"== {result['label']}")
+    print(
+        f"requests {result['requests']}  errors {result['errors']}  "
+        f"wall {result['wall_s']:.2f} s  output tokens {result['output_tokens']}"
+    )
+    for example in result.get("error_examples") or []:
+        print(f"  error: {example}")
+    print(f"TTFT ms          p50 {result['ttft_ms_p50']:9.1f}   p95 {result['ttft_ms_p95']:9.1f}")
+    print(
+        f"inter-token ms   mean {result['itl_ms_mean']:8.1f}   p50 {result['itl_ms_p50']:9.1f}"
+        f"   p95 {result['itl_ms_p95']:9.1f}"
+    )
+    print(
+        f"tokens/s         per request {result['request_tok_s_mean']:.2f} "
+        f"(decode {result['decode_tok_s_mean']:.2f})   aggregate {result['aggregate_tok_s']:.2f}"
+    )
+    if "health_ms_p99" in result:
+        print(
+            f"/health ms       p50 {result['health_ms_p50']:.1f}"
+            f"   p99 {result['health_ms_p99']:.1f}"
+            f"   max {result['health_ms_max']:.1f}   ({result['health_probes']} probes)"
+        )
+
+
+# ------------------------------------------------------------------- server mode
+
+
+class _SSEClient:
+    """A minimal HTTP/1.1 client for streaming responses, cheap enough per chunk that
+    the benchmark does not steal much CPU from the server on the same machine."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        parsed = urlsplit(url)
+        self.host = parsed.hostname or "127.0.0.1"
+        self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self.ssl = parsed.scheme == "https"
+        self.path = parsed.path or "/"
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+
+    async def stream(self, body: dict[str, Any]) -> Sample:
+        sample = Sample(start=time.perf_counter())
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+            payload = json.dumps(body).encode()
+            head = (
+                f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                f"Accept: text/event-stream\r\nConnection: close\r\n{self.headers}\r\n"
+            )
+            writer.write(head.encode() + payload)
+            await writer.drain()
+            status = int((await reader.readline()).split()[1])
+            chunked, length = False, None
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.lower() == "transfer-encoding" and "chunked" in value.lower():
+                    chunked = True
+                elif name.lower() == "content-length":
+                    length = int(value)
+            if status != 200:
+                data = await (reader.readexactly(length) if length else reader.read())
+                sample.error = f"HTTP {status}: {data[:200].decode(errors='replace')}"
+                return sample
+            buffer = b""
+            while True:
+                if chunked:
+                    size = int((await reader.readline()).split(b";")[0], 16)
+                    if size == 0:
+                        break
+                    data = await reader.readexactly(size + 2)
+                    buffer += data[:-2]
+                else:
+                    data = await reader.read(65536)
+                    if not data:
+                        break
+                    buffer += data
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    if self._event(sample, event):
+                        sample.end = time.perf_counter()
+                        return sample
+            sample.end = time.perf_counter()
+        except Exception as exc:
+            sample.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if writer is not None:
+                writer.close()
+        if sample.error is None and not sample.tokens:
+            sample.tokens = len(sample.token_times)
+        return sample
+
+    @staticmethod
+    def _event(sample: Sample, event: bytes) -> bool:
+        """Records one SSE event; True at the end of the stream."""
+        if not event.startswith(b"data: "):
+            return False
+        data = event[6:]
+        if data == b"[DONE]":
+            if not sample.tokens:
+                sample.tokens = len(sample.token_times)
+            return True
+        if b'"content":"' in data and b'"content":""' not in data:
+            now = time.perf_counter()
+            if sample.first is None:
+                sample.first = now
+            sample.token_times.append(now)
+        elif b'"usage":{' in data or b'"error"' in data:
+            chunk = json.loads(data)
+            if chunk.get("error"):
+                sample.error = str(chunk["error"].get("message"))[:200]
+                return True
+            sample.tokens = int(chunk["usage"]["completion_tokens"])
+        return False
+
+
+async def _probe_health(client: Any, url: str, stop: asyncio.Event, out: list[float]) -> None:
+    while not stop.is_set():
+        started = time.perf_counter()
+        try:
+            await client.get(url)
+            out.append((time.perf_counter() - started) * 1000)
+        except Exception:
+            out.append(float("inf"))
+        await asyncio.sleep(0.02)
+
+
+async def run_server(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    base = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    timeout = httpx.Timeout(args.timeout, connect=10)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        model = args.model
+        if model is None:
+            listing = (await client.get(f"{base}/v1/models", headers=headers)).json()
+            model = listing["data"][0]["id"]
+        urls = [image_data_url(make_image(args.image_size, seed=i)) for i in range(args.images)]
+
+        def body(i: int) -> dict[str, Any]:
+            content: list[dict[str, Any]] = []
+            if args.image_size > 0:
+                content.append({"type": "image_url", "image_url": {"url": urls[i % len(urls)]}})
+            content.append({"type": "text", "text": args.prompt})
+            return {
+                "model": model,
+                "messages": [{"role": "user", "content": content}],
+                "max_completion_tokens": args.max_tokens,
+                "min_tokens": args.max_tokens,
+                "ignore_eos": True,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+
+        endpoint = f"{base}/v1/chat/completions"
+        sse = _SSEClient(endpoint, headers)
+        for i in range(args.warmup):
+            await sse.stream(body(i))
+
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(args.requests):
+            queue.put_nowait(i)
+        samples: list[Sample] = []
+
+        async def worker() -> None:
+            while True:
+                try:
+                    i = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                samples.append(await sse.stream(body(i)))
+
+        stop = asyncio.Event()
+        health: list[float] = []
+        probe = None
+        if args.health:
+            probe = asyncio.create_task(_probe_health(client, f"{base}/health", stop, health))
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        wall = time.perf_counter() - started
+        stop.set()
+        if probe is not None:
+            await probe
+    result = summarize(samples, wall, f"server {base} c={args.concurrency}")
+    if health:
+        result.update(
+            health_probes=len(health),
+            health_ms_p50=percentile(health, 50),
+            health_ms_p99=percentile(health, 99),
+            health_ms_max=max(health),
+        )
+    return result
+
+
+# ---------------------------------------------------------------------- raw mode
+
+
+def run_raw(args: argparse.Namespace) -> dict[str, Any]:
+    import openvino as ov
+    import openvino_genai as genai
+
+    from utils.settings import Settings
+
+    settings = Settings()
+    model_dir = str(args.raw)
+    images = [make_image(args.image_size, seed=i) for i in range(args.images)]
+    tensors = [ov.Tensor(image) for image in images] if args.image_size > 0 else []
+    tag = "<ov_genai_image_0>" if tensors else ""
+
+    def config() -> Any:
+        cfg = genai.GenerationConfig()
+        cfg.max_new_tokens = args.max_tokens
+        cfg.min_new_tokens = args.max_tokens
+        cfg.ignore_eos = True
+        cfg.do_sample = False
+        cfg.apply_chat_template = False
+        return cfg
+
+    def inputs(i: int) -> list[Any]:
+        return [tensors[i % len(tensors)]] if tensors else []
+
+    samples: list[Sample] = []
+    use_vlm = args.raw_pipeline == "vlm" or (args.raw_pipeline == "auto" and args.concurrency == 1)
+    if use_vlm:
+        if args.concurrency != 1:
+            raise SystemExit("VLMPipeline runs one request at a time: use -c 1")
+        pipe = genai.VLMPipeline(model_dir, settings.device)
+        prompt = pipe.get_tokenizer().apply_chat_template(
+            [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
+        )
+
+        def one(i: int) -> Sample:
+            sample = Sample(start=time.perf_counter())
+
+            def on_token(_: Any) -> Any:
+                now = time.perf_counter()
+                if sample.first is None:
+                    sample.first = now
+                sample.token_times.append(now)
+                sample.tokens += 1
+                return genai.StreamingStatus.RUNNING
+
+            class Streamer(genai.StreamerBase):  # token ids, no detokenization cost
+                def write(self, token: Any) -> Any:
+                    return on_token(token)
+
+                def end(self) -> None:
+                    return None
+
+            pipe.generate(prompt, images=inputs(i), generation_config=config(), streamer=Streamer())
+            sample.end = time.perf_counter()
+            return sample
+
+        for i in range(args.warmup):
+            one(i)
+        started = time.perf_counter()
+        samples = [one(i) for i in range(args.requests)]
+        wall = time.perf_counter() - started
+        return summarize(samples, wall, "raw VLMPipeline c=1")
+
+    scheduler = genai.SchedulerConfig()
+    scheduler.cache_size = max(1, round(settings.kv_cache_size_gb))
+    scheduler.max_num_seqs = settings.max_num_seqs
+    scheduler.max_num_batched_tokens = settings.max_num_batched_tokens
+    scheduler.enable_prefix_caching = settings.enable_prefix_caching
+    scheduler.dynamic_split_fuse = True
+    pipe = genai.ContinuousBatchingPipeline(model_dir, scheduler, settings.device)
+    prompt = pipe.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
+    )
+
+    def batch(first_id: int, count: int) -> tuple[list[Sample], float]:
+        """Keeps `concurrency` requests in flight until `count` are done."""
+        pending = list(range(count))
+        running: dict[int, tuple[Any, Sample]] = {}
+        done: list[Sample] = []
+        started = time.perf_counter()
+        while pending or running:
+            while pending and len(running) < args.concurrency:
+                i = pending.pop(0)
+                sample = Sample(start=time.perf_counter())
+                handle = pipe.add_request(first_id + i, prompt, inputs(i), [], config())
+                running[i] = (handle, sample)
+            pipe.step()
+            now = time.perf_counter()
+            for i, (handle, sample) in list(running.items()):
+                while handle.can_read():
+                    for output in handle.read().values():
+                        if output.generated_ids:
+                            sample.first = sample.first or now
+                            sample.token_times.append(now)
+                            sample.tokens += len(output.generated_ids)
+                if handle.get_status() != genai.GenerationStatus.RUNNING:
+                    sample.end = now
+                    done.append(sample)
+                    del running[i]
+        return done, time.perf_counter() - started
+
+    if args.warmup:
+        batch(10_000, min(args.warmup, args.concurrency))
+    samples, wall = batch(0, args.requests)
+    return summarize(samples, wall, f"raw ContinuousBatchingPipeline c={args.concurrency}")
+
+
+# --------------------------------------------------------------------------- cli
+
+
+def compare(result: dict[str, Any], baseline: dict[str, Any]) -> None:
+    print(f"== vs {baseline['label']}")
+    for key, better in (
+        ("aggregate_tok_s", "higher"),
+        ("request_tok_s_mean", "higher"),
+        ("decode_tok_s_mean", "higher"),
+        ("ttft_ms_p50", "lower"),
+        ("ttft_ms_p95", "lower"),
+    ):
+        ours, theirs = result.get(key), baseline.get(key)
+        if ours and theirs:
+            print(
+                f"{key:20s} {ours:10.2f} vs {theirs:10.2f}  "
+                f"ratio {ours / theirs:6.3f} ({better} is better)"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument("--raw", type=Path, help="run the raw OpenVINO pipeline on this IR dir")
+    parser.add_argument(
+        "--raw-pipeline",
+        choices=["auto", "vlm", "cb"],
+        default="auto",
+        help="raw mode: VLMPipeline (vlm) or ContinuousBatchingPipeline (cb); "
+        "auto: vlm for -c 1, cb otherwise",
+    )
+    parser.add_argument("--model", help="model name to request (default: first of /v1/models)")
+    parser.add_argument("--api-key")
+    parser.add_argument("-c", "--concurrency", type=int, default=1)
+    parser.add_argument("-n", "--requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--image-size", type=int, default=112, help="square image side; 0: none")
+    parser.add_argument("--images", type=int, default=1, help="distinct images cycled over")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--warmup", type=int, default=1, help="requests before measuring")
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--health", action="store_true", help="probe /health while streaming")
+    parser.add_argument("--save", type=Path, help="write the result as JSON")
+    parser.add_argument("--baseline", type=Path, help="a saved result to compare against")
+    args = parser.parse_args(argv)
+
+    result = run_raw(args) if args.raw else asyncio.run(run_server(args))
+    result["args"] = {k: str(v) for k, v in vars(args).items()}
+    print_summary(result)
+    if args.baseline:
+        compare(result, json.loads(args.baseline.read_text()))
+    if args.save:
+        args.save.write_text(json.dumps(result, indent=2, default=str))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
