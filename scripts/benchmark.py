@@ -312,9 +312,11 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
     import openvino_genai as genai
 
+    from utils.devices import engine_properties
     from utils.settings import Settings
 
     settings = Settings()
+    properties = engine_properties(settings)  # VLM_OV_CONFIG, as the server passes it
     model_dir = str(args.raw)
     images = [make_image(args.image_size, seed=i) for i in range(args.images)]
     tensors = [ov.Tensor(image) for image in images] if args.image_size > 0 else []
@@ -337,7 +339,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     if use_vlm:
         if args.concurrency != 1:
             raise SystemExit("VLMPipeline runs one request at a time: use -c 1")
-        pipe = genai.VLMPipeline(model_dir, settings.device)
+        pipe = genai.VLMPipeline(model_dir, settings.device, **properties)
         prompt = pipe.get_tokenizer().apply_chat_template(
             [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
         )
@@ -377,7 +379,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     scheduler.max_num_batched_tokens = settings.max_num_batched_tokens
     scheduler.enable_prefix_caching = settings.enable_prefix_caching
     scheduler.dynamic_split_fuse = True
-    pipe = genai.ContinuousBatchingPipeline(model_dir, scheduler, settings.device)
+    pipe = genai.ContinuousBatchingPipeline(model_dir, scheduler, settings.device, properties)
     prompt = pipe.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
     )
@@ -389,9 +391,10 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
         done: list[Sample] = []
         started = time.perf_counter()
         while pending or running:
+            submitted = time.perf_counter()  # requests that arrive together start together
             while pending and len(running) < args.concurrency:
                 i = pending.pop(0)
-                sample = Sample(start=time.perf_counter())
+                sample = Sample(start=submitted)
                 handle = pipe.add_request(first_id + i, prompt, inputs(i), [], config())
                 running[i] = (handle, sample)
             pipe.step()

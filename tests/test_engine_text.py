@@ -1,0 +1,126 @@
+"""Incremental detokenization and stop strings, on the tiny models' real tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openvino_genai
+import pytest
+
+from utils.engine_worker import (
+    REPLACEMENT_CHAR,
+    ByteDetokenizer,
+    ByteTokenTable,
+    IncrementalDetokenizer,
+    StopMatcher,
+    VisualTokenCounter,
+    decode_pending,
+    read_model_config,
+)
+
+TEXT = "Привет, мир! 你好世界 — héllo 😀🎉 naïve café ñ 日本語のテキスト ok"
+
+
+@pytest.fixture(scope="module", params=["qwen2-vl", "llava"])
+def tokenizer(request: pytest.FixtureRequest) -> openvino_genai.Tokenizer:
+    path = request.getfixturevalue("qwen2vl_ir" if request.param == "qwen2-vl" else "llava_ir")
+    return openvino_genai.Tokenizer(str(path))
+
+
+def _decode(tokenizer: openvino_genai.Tokenizer):
+    return lambda batch: list(tokenizer.decode(batch))
+
+
+def test_incremental_detokenizer_never_splits_characters(tokenizer) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False).input_ids.data[0].tolist()
+    decode = _decode(tokenizer)
+    # the tiny vocabulary splits these characters across tokens: the check is meaningful
+    assert any(tokenizer.decode(ids[:i]).endswith(REPLACEMENT_CHAR) for i in range(1, len(ids)))
+    streams = [IncrementalDetokenizer(), IncrementalDetokenizer()]
+    deltas: list[list[str]] = [[], []]
+    for step, token in enumerate(ids):
+        streams[0].add([token])
+        if step % 3 == 0:  # the second stream gets tokens in uneven batches
+            streams[1].add(ids[len(streams[1].ids) : step + 1])
+        last = step == len(ids) - 1
+        if last:
+            streams[1].add(ids[len(streams[1].ids) :])
+        for i, delta in enumerate(decode_pending(decode, streams, [last, last])):
+            deltas[i].append(delta)
+    expected = tokenizer.decode(ids)
+    for parts in deltas:
+        assert "".join(parts) == expected
+        assert not any(REPLACEMENT_CHAR in part for part in parts)
+    assert sum(1 for part in deltas[0] if part) > 10  # it streams, not all at the end
+
+
+def test_generated_ids_stream_like_a_full_decode(tokenizer) -> None:
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 1000, 300).tolist()  # random ids, like a random model's output
+    stream = IncrementalDetokenizer()
+    text = ""
+    for i, token in enumerate(ids):
+        stream.add([token])
+        text += decode_pending(_decode(tokenizer), [stream], [i == len(ids) - 1])[0]
+    assert text == tokenizer.decode(ids)
+
+
+def test_byte_table_streams_like_the_tokenizer(tokenizer) -> None:
+    table = ByteTokenTable.build(tokenizer)
+    assert table is not None  # both tiny tokenizers are byte-level BPE
+    ids = tokenizer.encode(TEXT, add_special_tokens=False).input_ids.data[0].tolist()
+    eos = tokenizer.get_eos_token_id()
+    ids = [*ids[:5], eos, *ids[5:]]  # special tokens are skipped, as in decode()
+    stream = ByteDetokenizer(table)
+    parts = []
+    for token in ids:
+        stream.add([token])
+        parts.append(stream.take())
+    parts.append(stream.take(final=True))
+    assert "".join(parts) == tokenizer.decode(ids) == TEXT
+    assert not any(REPLACEMENT_CHAR in part for part in parts)
+    assert sum(1 for part in parts if part) > 10
+
+
+def test_byte_table_refuses_a_tokenizer_that_is_not_concatenation(tokenizer) -> None:
+    class Stripping:
+        """A SentencePiece-like decoder: the leading space of a text is dropped."""
+
+        def get_vocab(self):
+            return tokenizer.get_vocab()
+
+        def encode(self, *args, **kwargs):
+            return tokenizer.encode(*args, **kwargs)
+
+        def decode(self, batch):
+            return [text.lstrip(" ") for text in tokenizer.decode(batch)]
+
+    assert ByteTokenTable.build(Stripping()) is None
+
+
+def test_stop_matcher_across_chunks() -> None:
+    matcher = StopMatcher(["END", "\n\n"])
+    out = []
+    for chunk in ["Hello E", "N", "x and E", "ND tail"]:
+        text, matched = matcher.feed(chunk)
+        out.append(text)
+        if matched:
+            break
+    assert "".join(out) == "Hello ENx and "
+    assert matched
+    # a held-back prefix that never completes is released
+    matcher = StopMatcher(["END"])
+    assert matcher.feed("abc EN") == ("abc ", False)
+    assert matcher.flush() == "EN"
+    # no stop strings: pass-through
+    assert StopMatcher([]).feed("x") == ("x", False)
+    assert StopMatcher(["\n\n"]).feed("a\n\nb") == ("a", True)
+
+
+def test_visual_token_counts_qwen2vl(qwen2vl_ir: Path) -> None:
+    counter = VisualTokenCounter.from_model_dir(qwen2vl_ir, read_model_config(qwen2vl_ir))
+    assert counter.image((112, 112, 3)) == 16 + 2
+    assert counter.image((10, 10, 3)) == 4 + 2  # upscaled to the minimum (56x56)
+    assert counter.image((4000, 4000, 3)) <= 200704 // 28**2 + 2  # capped
+    assert counter.video((4, 112, 112, 3)) == 2 * 16 + 2

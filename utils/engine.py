@@ -1,0 +1,415 @@
+"""The API process's side of the engine: a client of the worker process.
+
+`EngineClient` spawns utils/engine_worker.py in its own process (the OpenVINO
+pipeline holds the GIL while it steps) and talks to it over one duplex
+`multiprocessing` pipe:
+
+- a writer thread sends requests and aborts (pickling images off the event loop,
+  and never blocking it while the worker is busy inside a step);
+- a reader thread receives one message per scheduler step holding the outputs of
+  every running request, and hands it to the event loop with a single
+  `call_soon_threadsafe`, which fans the events out to per-request asyncio queues.
+
+If the worker dies, every request in flight gets an `OpenAIError(500)` at once,
+`ready` turns False and the worker is restarted (with backoff) by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from utils import engine_worker
+from utils.devices import engine_properties
+from utils.errors import OpenAIError
+from utils.generation import GenerationEvent, GenerationRequest, ModelInfo
+from utils.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 900.0
+STOP_TIMEOUT_S = 10.0
+MAX_RESTART_DELAY_S = 30.0
+
+
+def model_info(settings: Settings, model_dir: Path) -> ModelInfo:
+    config = engine_worker.read_model_config(model_dir)
+    model_type = engine_worker.model_type_of(config)
+    return ModelInfo(
+        name=settings.public_model_name,
+        model_type=model_type,
+        path=str(model_dir),
+        supports_video=engine_worker.supports_video(model_type),
+        max_context=engine_worker.max_context_of(config),
+    )
+
+
+def worker_config(settings: Settings, model_dir: Path) -> engine_worker.WorkerConfig:
+    return engine_worker.WorkerConfig(
+        model_dir=str(model_dir),
+        device=settings.device,
+        engine=settings.engine,
+        ov_config=engine_properties(settings),
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        kv_cache_size_gb=settings.kv_cache_size_gb,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        log_level=settings.log_level,
+    )
+
+
+@dataclass(eq=False)
+class _Request:
+    rid: int
+    n: int
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    started: bool = False  # first token seen
+
+
+class _Session:
+    """One incarnation of the worker process, its pipe and its two threads."""
+
+    def __init__(self, client: EngineClient, process: Any, conn: Any) -> None:
+        self.client = client
+        self.process = process
+        self.conn = conn
+        self.outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self.alive = True
+        self.ready: asyncio.Future[dict] = client._loop.create_future()
+        self.reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+        self.writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
+
+    def start(self) -> None:
+        self.reader.start()
+        self.writer.start()
+
+    def send(self, message: tuple) -> None:
+        if self.alive:
+            self.outbox.put(message)
+
+    def _write(self) -> None:
+        while True:
+            message = self.outbox.get()
+            if message is None:
+                return
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError, EOFError):
+                return
+
+    def _read(self) -> None:
+        loop = self.client._loop
+        reason = "the engine process exited"
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception as exc:  # a message that does not unpickle
+                reason = f"bad message from the engine: {exc}"
+                break
+            kind = message[0]
+            if kind == "step":
+                loop.call_soon_threadsafe(self.client._dispatch, self, message)
+            elif kind == "ready":
+                loop.call_soon_threadsafe(self._resolve, message[1], None)
+            elif kind == "fatal":
+                reason = message[1]
+                loop.call_soon_threadsafe(self._resolve, None, reason)
+        loop.call_soon_threadsafe(self.client._on_exit, self, reason)
+
+    def _resolve(self, info: dict | None, error: str | None) -> None:
+        if self.ready.done():
+            return
+        if error is None:
+            self.ready.set_result(info or {})
+        else:
+            self.ready.set_exception(RuntimeError(error))
+
+    def close(self) -> None:
+        self.alive = False
+        self.outbox.put(None)
+        with contextlib.suppress(OSError):
+            self.conn.close()
+
+
+class EngineClient:
+    """Implements utils.generation.Engine with the worker process behind it."""
+
+    def __init__(self, settings: Settings, model_dir: Path | str) -> None:
+        self._settings = settings
+        self._model_dir = Path(model_dir)
+        self._info = model_info(settings, self._model_dir)
+        self._ctx = multiprocessing.get_context("spawn")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: _Session | None = None
+        self._requests: dict[int, _Request] = {}
+        self._ids = itertools.count(1)
+        self._ready = False
+        self._stopping = False
+        self._restart_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        self._backend = ""
+        self._restarts = 0
+        self._served = 0
+        self._failed = 0
+        self._running = 0
+        self._waiting = 0
+        self._kv_usage = 0.0
+        self._started_at = time.monotonic()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def backend(self) -> str:
+        """`continuous_batching` or `vlm_pipeline` once started."""
+        return self._backend
+
+    @property
+    def pid(self) -> int | None:
+        session = self._session
+        return session.process.pid if session is not None else None
+
+    def stats(self) -> dict[str, float]:
+        in_flight = len(self._requests)
+        running = min(self._running, in_flight)
+        return {
+            "queue_depth": max(0, in_flight - running),
+            "running": running,
+            "in_flight": in_flight,
+            "kv_cache_usage": self._kv_usage,
+            "restarts": self._restarts,
+            "generations_served": self._served,
+            "generations_failed": self._failed,
+            "max_queue": self._settings.max_queue,
+            "ready": float(self._ready),
+        }
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Spawns the worker; returns once the model is loaded and warmed up."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        await self._spawn()
+        self._watch_task = asyncio.create_task(self._watch())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._ready = False
+        for task in (self._restart_task, self._watch_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        session, self._session = self._session, None
+        self._fail_all(OpenAIError(503, "The server is shutting down.", code="shutting_down"))
+        if session is not None:
+            session.send(("stop",))
+            await asyncio.to_thread(self._reap, session)
+
+    @staticmethod
+    def _reap(session: _Session) -> None:
+        session.process.join(STOP_TIMEOUT_S)
+        if session.process.is_alive():
+            session.process.terminate()
+            session.process.join(5)
+        if session.process.is_alive():
+            session.process.kill()
+            session.process.join(5)
+        session.close()
+
+    async def _spawn(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=engine_worker.main,
+            args=(child, worker_config(self._settings, self._model_dir)),
+            name="vlm-engine",
+            daemon=True,
+        )
+        await asyncio.to_thread(process.start)
+        child.close()
+        session = _Session(self, process, parent)
+        self._session = session
+        session.start()
+        try:
+            info = await asyncio.wait_for(session.ready, READY_TIMEOUT_S)
+        except BaseException:
+            if self._session is session:
+                self._session = None
+            session.close()
+            await asyncio.to_thread(self._reap, session)
+            raise
+        self._backend = info.get("backend", "")
+        self._ready = True
+        logger.info("engine ready (%s, pid %s)", self._backend, process.pid)
+
+    async def _watch(self) -> None:
+        """Catches a worker that died without closing its pipe (belt and braces)."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            session = self._session
+            if session is not None and session.alive and not session.process.is_alive():
+                self._on_exit(session, "the engine process exited")
+
+    def _on_exit(self, session: _Session, reason: str) -> None:
+        if not session.alive and self._session is not session:
+            return
+        session._resolve(None, reason)
+        session.close()
+        if self._session is not session:
+            return
+        self._session = None
+        self._ready = False
+        if self._stopping:
+            return
+        logger.error("engine process stopped (%s); restarting", reason)
+        self._fail_all(
+            OpenAIError(
+                500,
+                "The inference engine stopped while processing this request; please retry.",
+                code="engine_failure",
+            )
+        )
+        if self._restart_task is None and self._backend:
+            self._restart_task = asyncio.create_task(self._restart(session))
+
+    async def _restart(self, dead: _Session) -> None:
+        delay = 1.0
+        await asyncio.to_thread(self._reap, dead)
+        try:
+            while not self._stopping:
+                try:
+                    await self._spawn()
+                    self._restarts += 1
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    logger.error("engine restart failed: %s; next try in %.0f s", exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
+        finally:
+            self._restart_task = None
+
+    def _fail_all(self, error: OpenAIError) -> None:
+        requests = list(self._requests.values())
+        self._requests.clear()
+        for request in requests:
+            request.queue.put_nowait(error)
+
+    # ------------------------------------------------------------- streaming
+    def _dispatch(self, session: _Session, message: tuple) -> None:
+        if session is not self._session:
+            return
+        _, events, errors, stats = message
+        self._running, self._waiting, self._kv_usage = stats
+        requests = self._requests
+        for rid, index, text, tokens, finish, prompt_tokens in events:
+            request = requests.get(rid)
+            if request is not None:
+                request.queue.put_nowait(
+                    GenerationEvent(index, text, tokens, finish, prompt_tokens)
+                )
+        for rid, status, text, code in errors:
+            request = requests.pop(rid, None)
+            if request is not None:
+                request.queue.put_nowait(OpenAIError(status, text, code=code))
+
+    def _expire(self, rid: int) -> None:
+        request = self._requests.pop(rid, None)
+        if request is None:
+            return
+        request.queue.put_nowait(
+            OpenAIError(
+                504,
+                f"The request took longer than {self._settings.request_timeout_s:g} s.",
+                code="timeout",
+            )
+        )
+        if self._session is not None:
+            self._session.send(("abort", rid))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Streams the events of every choice until each has a finish_reason.
+
+        The first event (index 0, empty text, no tokens) means the request was
+        accepted by the pipeline and carries `prompt_tokens` (with visual tokens);
+        awaiting it before sending response headers turns a rejected request into
+        its proper status. Every event carries `prompt_tokens`; the final ones the
+        exact count the pipeline measured.
+        """
+        session = self._session
+        if not self._ready or session is None:
+            raise OpenAIError(
+                503,
+                "The model is loading; please retry shortly.",
+                code="model_not_ready",
+                headers={"Retry-After": "5"},
+            )
+        if len(self._requests) >= self._settings.max_queue:
+            raise OpenAIError(
+                429,
+                f"The server is at capacity ({self._settings.max_queue} requests in flight); "
+                "please retry shortly.",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
+        loop = asyncio.get_running_loop()
+        rid = next(self._ids)
+        pending = _Request(rid, request.params.n)
+        self._requests[rid] = pending
+        session.send(("add", rid, request))
+        timer = loop.call_at(loop.time() + self._settings.request_timeout_s, self._expire, rid)
+        remaining = request.params.n
+        finished = False
+        carry: GenerationEvent | OpenAIError | None = None
+        queue = pending.queue
+        try:
+            while remaining:
+                if carry is not None:
+                    item, carry = carry, None
+                else:
+                    item = await queue.get()
+                if isinstance(item, OpenAIError):
+                    self._failed += 1
+                    raise item
+                # A consumer slower than the engine gets the waiting text of a
+                # choice as one event instead of one per token.
+                while item.finish_reason is None and item.completion_tokens and not queue.empty():
+                    carry = queue.get_nowait()
+                    if not isinstance(carry, GenerationEvent) or carry.index != item.index:
+                        break
+                    item = GenerationEvent(
+                        item.index,
+                        item.text + carry.text,
+                        carry.completion_tokens,
+                        carry.finish_reason,
+                        carry.prompt_tokens,
+                    )
+                    carry = None
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+            finished = True
+            self._served += 1
+        finally:
+            timer.cancel()
+            if self._requests.pop(rid, None) is not None and not finished:
+                session.send(("abort", rid))
