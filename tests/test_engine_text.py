@@ -13,11 +13,13 @@ from utils.engine_worker import (
     ByteDetokenizer,
     ByteTokenTable,
     IncrementalDetokenizer,
+    Preparer,
     StopMatcher,
     VisualTokenCounter,
     decode_pending,
     read_model_config,
 )
+from utils.generation import GenerationRequest, SamplingParams
 
 TEXT = "Привет, мир! 你好世界 — héllo 😀🎉 naïve café ñ 日本語のテキスト ok"
 
@@ -124,3 +126,40 @@ def test_visual_token_counts_qwen2vl(qwen2vl_ir: Path) -> None:
     assert counter.image((10, 10, 3)) == 4 + 2  # upscaled to the minimum (56x56)
     assert counter.image((4000, 4000, 3)) <= 200704 // 28**2 + 2  # capped
     assert counter.video((4, 112, 112, 3)) == 2 * 16 + 2
+
+
+@pytest.mark.parametrize("kind", ["qwen2-vl", "llava"])
+def test_prompt_token_count_matches_the_pipeline(kind: str, request: pytest.FixtureRequest) -> None:
+    """The up-front count (context check) equals what the pipeline measures."""
+    import openvino
+
+    path = request.getfixturevalue("qwen2vl_ir" if kind == "qwen2-vl" else "llava_ir")
+    pipe = openvino_genai.ContinuousBatchingPipeline(
+        str(path), openvino_genai.SchedulerConfig(), "CPU"
+    )
+    preparer = Preparer(openvino, openvino_genai, pipe.get_tokenizer(), path)
+    rng = np.random.default_rng(0)
+    cases = [[(112, 112)], [(64, 160), (300, 90)], []]
+    for n, shapes in enumerate(cases):
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+        tags = "".join(f"<ov_genai_image_{i}>" for i in range(len(images)))
+        videos = []
+        if kind == "qwen2-vl" and n == 2:
+            videos = [rng.integers(0, 256, (4, 84, 112, 3), dtype=np.uint8)]
+            tags = "<ov_genai_video_0>"
+        generation = GenerationRequest(
+            request_id=str(n),
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": tags + f"What is in picture {n}?"},
+            ],
+            params=SamplingParams(max_new_tokens=1, temperature=0.0),
+            images=images,
+            videos=videos,
+        )
+        prep = preparer.prepare(generation)
+        handle = pipe.add_request(n, prep.prompt, prep.images, prep.videos, prep.config)
+        while pipe.has_non_finished_requests():
+            pipe.step()
+        measured = handle.get_perf_metrics().get_num_input_tokens()
+        assert preparer.prompt_tokens(prep) == measured

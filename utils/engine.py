@@ -65,6 +65,7 @@ def worker_config(settings: Settings, model_dir: Path) -> engine_worker.WorkerCo
         kv_cache_size_gb=settings.kv_cache_size_gb,
         enable_prefix_caching=settings.enable_prefix_caching,
         log_level=settings.log_level,
+        stream_interval_s=settings.stream_interval_ms / 1000,
     )
 
 
@@ -166,6 +167,8 @@ class EngineClient:
         self._running = 0
         self._waiting = 0
         self._kv_usage = 0.0
+        self._pipeline_seconds = 0.0  # of the current worker process
+        self._overhead_seconds = 0.0
         self._started_at = time.monotonic()
 
     # ------------------------------------------------------------------ state
@@ -199,6 +202,8 @@ class EngineClient:
             "generations_served": self._served,
             "generations_failed": self._failed,
             "max_queue": self._settings.max_queue,
+            "engine_pipeline_seconds": self._pipeline_seconds,
+            "engine_loop_overhead_seconds": self._overhead_seconds,
             "ready": float(self._ready),
         }
 
@@ -319,7 +324,8 @@ class EngineClient:
         if session is not self._session:
             return
         _, events, errors, stats = message
-        self._running, self._waiting, self._kv_usage = stats
+        self._running, self._waiting, self._kv_usage, step_s, overhead_s = stats
+        self._pipeline_seconds, self._overhead_seconds = step_s, overhead_s
         requests = self._requests
         for rid, index, text, tokens, finish, prompt_tokens in events:
             request = requests.get(rid)
@@ -350,10 +356,9 @@ class EngineClient:
         """Streams the events of every choice until each has a finish_reason.
 
         The first event (index 0, empty text, no tokens) means the request was
-        accepted by the pipeline and carries `prompt_tokens` (with visual tokens);
-        awaiting it before sending response headers turns a rejected request into
-        its proper status. Every event carries `prompt_tokens`; the final ones the
-        exact count the pipeline measured.
+        accepted by the pipeline; awaiting it before sending response headers turns a
+        rejected request into its proper status. `prompt_tokens` (with visual tokens)
+        is exact on each choice's final event; earlier events carry it or 0.
         """
         session = self._session
         if not self._ready or session is None:

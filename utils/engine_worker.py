@@ -10,14 +10,19 @@ it over a `multiprocessing` pipe (see utils/engine.py):
   ``("step", events, errors, stats)`` message that batches the outputs of all
   requests: ``events`` are ``(rid, index, text, completion_tokens, finish_reason,
   prompt_tokens)`` tuples, ``errors`` are ``(rid, status, message, code)`` tuples and
-  ``stats`` is ``(running, waiting, kv_cache_usage)``.
+  ``stats`` is ``(running, waiting, kv_cache_usage, pipeline_seconds,
+  overhead_seconds)``.
 
 The first event of every request is an acceptance event (index 0, empty text, no
-tokens) sent once the request is in the pipeline; it carries the prompt length with
-visual tokens. Text is detokenized incrementally in batches (one tokenizer call per
-step for every running sequence), never ends inside a multi-byte character, and
-stop strings are cut here so that neither a stop string nor anything after it is
-ever sent.
+tokens) sent once the request is in the pipeline. Prompt lengths (with visual tokens)
+are exact on the final events; the acceptance event carries one only when it was
+counted up front (a prompt that may come near the context), else 0.
+
+Text is detokenized incrementally (a Python byte table for byte-level BPE
+tokenizers, else one batched tokenizer call per step for every running sequence),
+never ends inside a multi-byte character, and stop strings are cut here so that
+neither a stop string nor anything after it is ever sent. Text of one stream is
+sent at most every `stream_interval_s` (the first piece at once).
 
 `openvino` and `openvino_genai` are imported inside functions: importing this module
 (as utils/engine.py does for the model helpers) loads nothing.
@@ -54,6 +59,8 @@ STOP_MATCHED = "stop-string"  # a choice's finish once a stop string cut its tex
 
 Event = tuple[int, int, str, int, str | None, int]
 ErrorItem = tuple[int, int, str, str | None]
+# running, waiting, KV cache usage, seconds in the pipeline, seconds of loop overhead
+Stats = tuple[int, int, float, float, float]
 
 
 # --------------------------------------------------------------------------- model
@@ -387,7 +394,7 @@ class StopMatcher:
 class ChoiceState:
     """One output sequence (an OpenAI choice): tokens, text stream, stop strings."""
 
-    __slots__ = ("closed", "detok", "finish", "index", "stop", "tokens")
+    __slots__ = ("closed", "detok", "finish", "held", "index", "last_sent", "stop", "tokens")
 
     def __init__(
         self, index: int, stops: Sequence[str], table: ByteTokenTable | None = None
@@ -400,6 +407,8 @@ class ChoiceState:
         self.stop = StopMatcher(stops)
         self.tokens = 0
         self.finish: str | None = None
+        self.held = ""  # text waiting for the stream interval
+        self.last_sent = -1.0
 
 
 # ----------------------------------------------------------------------- requests
@@ -425,6 +434,7 @@ class WorkerConfig:
     enable_prefix_caching: bool = True
     dynamic_split_fuse: bool = True
     log_level: str = "info"
+    stream_interval_s: float = 0.0
 
 
 @dataclass
@@ -434,8 +444,9 @@ class Prepared:
     videos: list[Any]
     config: Any  # openvino_genai.GenerationConfig
     params: SamplingParams
-    prompt_tokens: int
+    prompt_tokens: int  # 0 until counted
     replicate: int  # greedy n > 1: one sequence, copied to n choices
+    visual_tokens: int = 0
 
 
 class Preparer:
@@ -463,20 +474,25 @@ class Preparer:
                 400, f"Model type {self.model_type} does not take video input.", "invalid_media"
             )
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
-        text = TAG_RE.sub(self.visual.tag_text, prompt)
-        text_tokens = int(self.tokenizer.encode(text).input_ids.get_shape()[1])
         visual = sum(self.visual.image(img.shape) for img in images)
         visual += sum(self.visual.video(vid.shape) for vid in videos)
-        prompt_tokens = text_tokens + visual
-        if prompt_tokens >= self.max_context:
-            raise RequestError(
-                400,
-                f"This model's maximum context length is {self.max_context} tokens. However, "
-                f"your messages resulted in {prompt_tokens} tokens ({visual} of them for "
-                "images and videos). Please reduce the length of the messages or media.",
-                "context_length_exceeded",
-            )
-        max_new = max(1, min(params.max_new_tokens, self.max_context - prompt_tokens))
+        prompt_tokens = 0  # counted later, unless the prompt may come near the context
+        # Tokenizing costs more than the rest of the preparation; a token has at least
+        # one byte, so a prompt whose bytes fit with room to spare needs no count yet.
+        upper = len(prompt.encode()) + visual + 8
+        if upper + params.max_new_tokens > self.max_context:
+            prompt_tokens = self.count(prompt, visual)
+            if prompt_tokens >= self.max_context:
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {self.max_context} tokens. "
+                    f"However, your messages resulted in {prompt_tokens} tokens ({visual} of "
+                    "them for images and videos). Please reduce the length of the messages "
+                    "or media.",
+                    "context_length_exceeded",
+                )
+        used = prompt_tokens or upper
+        max_new = max(1, min(params.max_new_tokens, self.max_context - used))
         config, replicate = self._generation_config(params, max_new)
         return Prepared(
             prompt=prompt,
@@ -486,7 +502,18 @@ class Preparer:
             params=params,
             prompt_tokens=prompt_tokens,
             replicate=replicate,
+            visual_tokens=visual,
         )
+
+    def count(self, prompt: str, visual: int) -> int:
+        """Prompt tokens with visual tokens, as the pipeline will see them."""
+        text = TAG_RE.sub(self.visual.tag_text, prompt)
+        return int(self.tokenizer.encode(text).input_ids.get_shape()[1]) + visual
+
+    def prompt_tokens(self, prep: Prepared) -> int:
+        if not prep.prompt_tokens:
+            prep.prompt_tokens = self.count(prep.prompt, prep.visual_tokens)
+        return prep.prompt_tokens
 
     @staticmethod
     def _check_tags(messages: list[dict[str, str]], n_images: int, n_videos: int) -> None:
@@ -587,6 +614,10 @@ class Backend:
         self.errors: list[ErrorItem] = []
         self.stopping = False
         self.preparer: Preparer
+        # time inside the pipeline, and time the loop spends around it while busy
+        self.step_seconds = 0.0
+        self.overhead_seconds = 0.0
+        self.stream_interval = 0.0
         self.table: ByteTokenTable | None = None
 
     # messages from the API process
@@ -614,7 +645,7 @@ class Backend:
     def abort(self, rid: int) -> None:
         raise NotImplementedError
 
-    def stats(self) -> tuple[int, int, float]:
+    def stats(self) -> Stats:
         raise NotImplementedError
 
     def fail(self, rid: int, exc: BaseException) -> None:
@@ -639,6 +670,7 @@ class Backend:
         one tokenizer call, and queues their events."""
         if not work:
             return
+        now = time.monotonic()
         finals = [choice.finish is not None for _, choice, _ in work]
         if self.table is not None:
             deltas = [
@@ -659,6 +691,14 @@ class Backend:
             finish = "stop" if matched else choice.finish
             if not text and finish is None:
                 continue
+            if finish is None and now - choice.last_sent < self.stream_interval:
+                choice.held += text
+                continue
+            if choice.held:
+                text, choice.held = choice.held + text, ""
+            choice.last_sent = now
+            if finish is not None and not prompt_tokens:
+                prompt_tokens = self.preparer.prompt_tokens(active.prep)
             for index in self._indices(active, choice):
                 self.events.append((active.rid, index, text, choice.tokens, finish, prompt_tokens))
 
@@ -715,16 +755,19 @@ class CBBackend(Backend):
         if active is not None:
             active.handle.cancel()
 
-    def stats(self) -> tuple[int, int, float]:
-        return self._stats
+    def stats(self) -> Stats:
+        return (*self._stats, self.step_seconds, self.overhead_seconds)
 
     def run(self) -> None:
+        clock = time.perf_counter
         while not self.stopping:
             busy = bool(self.active) or self.pipe.has_non_finished_requests()
+            started = clock()
             self.drain(0 if busy else 0.2)
             if self.stopping:
                 break
             if self.active or self.pipe.has_non_finished_requests():
+                before_step = clock()
                 try:
                     self.pipe.step()
                 except Exception:
@@ -733,7 +776,10 @@ class CBBackend(Backend):
                         self.errors.append((rid, 500, "The engine failed.", "engine_failure"))
                     self.flush()
                     raise
+                after_step = clock()
+                self.step_seconds += after_step - before_step
                 self.collect()
+                self.overhead_seconds += (before_step - started) + (clock() - after_step)
             self.flush()
 
     def collect(self) -> None:
@@ -845,8 +891,9 @@ class VLMBackend(Backend):
             self.cancelled.add(rid)
         self.queue = deque(item for item in self.queue if item[0] != rid)
 
-    def stats(self) -> tuple[int, int, float]:
-        return (1 if self.current else 0, len(self.queue), 0.0)
+    def stats(self) -> Stats:
+        running = 1 if self.current else 0
+        return (running, len(self.queue), 0.0, self.step_seconds, self.overhead_seconds)
 
     def run(self) -> None:
         while not self.stopping:
@@ -883,6 +930,13 @@ class VLMBackend(Backend):
 
         class _Streamer(genai.StreamerBase):  # type: ignore[name-defined,misc]
             def write(self, token: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return self._write(token)
+                finally:
+                    backend.overhead_seconds += time.perf_counter() - started
+
+            def _write(self, token: Any) -> Any:
                 ids = [token] if isinstance(token, int) else list(token)
                 choice.detok.add(ids)
                 choice.tokens += len(ids)
@@ -898,6 +952,7 @@ class VLMBackend(Backend):
             def end(self) -> None:
                 return None
 
+        started, overhead = time.perf_counter(), self.overhead_seconds
         result = self.pipe.generate(
             active.prep.prompt,
             images=active.prep.images,
@@ -905,6 +960,8 @@ class VLMBackend(Backend):
             generation_config=config,
             streamer=_Streamer(),
         )
+        elapsed = time.perf_counter() - started
+        self.step_seconds += elapsed - (self.overhead_seconds - overhead)
         if active.rid in self.cancelled:
             return
         try:
@@ -981,6 +1038,7 @@ def load_backend(conn: Connection, cfg: WorkerConfig) -> Backend:
                 )
             continue
         backend.conn = conn
+        backend.stream_interval = cfg.stream_interval_s
         logger.info(
             "engine ready: %s on %s in %.1f s", backend.name, cfg.device, time.monotonic() - started
         )

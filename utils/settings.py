@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0.0, description="Longest time one request may wait and run."
     )
+    stream_interval_ms: float = Field(
+        0.0,
+        ge=0.0,
+        description="Shortest time between two streamed pieces of one answer: tokens "
+        "generated faster are sent together (the first one at once); 0 sends every token.",
+    )
 
     # --- media and limits -------------------------------------------------
     max_images_per_request: int = Field(16, ge=0, description="Images allowed in one request.")
