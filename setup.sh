@@ -39,7 +39,7 @@ _vlm_setup() {
         "VLM_DEFAULT_MAX_TOKENS|512|output token limit when a request gives none"
         "VLM_MAX_QUEUE|64|requests waiting or running at once (more get 429)"
         "VLM_MAX_NUM_SEQS|16|sequences batched together per step"
-        "VLM_KV_CACHE_SIZE_GB|2.0|KV cache size in GB"
+        "VLM_KV_CACHE_SIZE_GB|2|KV cache size in whole GB"
         "VLM_MAX_IMAGES_PER_REQUEST|16|images allowed in one request"
         "VLM_MAX_VIDEOS_PER_REQUEST|2|videos allowed in one request"
         "VLM_MAX_VIDEO_FRAMES|32|frames sampled from one video at most"
@@ -90,9 +90,6 @@ _vlm_setup() {
             VLM_LOG_LEVEL)
                 [[ $value =~ ^(debug|info|warning|error)$ ]] ||
                     errors+=("$name='$value': use debug, info, warning or error") ;;
-            VLM_KV_CACHE_SIZE_GB)
-                [[ $value =~ ^[0-9]*\.?[0-9]+$ && ! $value =~ ^0*\.?0*$ ]] ||
-                    errors+=("$name='$value': must be a number above 0") ;;
             VLM_MAX_IMAGES_PER_REQUEST | VLM_MAX_VIDEOS_PER_REQUEST)
                 [[ $value =~ ^[0-9]{1,9}$ ]] ||
                     errors+=("$name='$value': must be a whole number (0 or more)") ;;

@@ -374,7 +374,9 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
         return summarize(samples, wall, "raw VLMPipeline c=1")
 
     scheduler = genai.SchedulerConfig()
-    scheduler.cache_size = max(1, round(settings.kv_cache_size_gb))
+    scheduler.cache_size = settings.kv_cache_size_gb
+    if settings.kv_cache_blocks:
+        scheduler.num_kv_blocks = settings.kv_cache_blocks
     scheduler.max_num_seqs = settings.max_num_seqs
     scheduler.max_num_batched_tokens = settings.max_num_batched_tokens
     scheduler.enable_prefix_caching = settings.enable_prefix_caching

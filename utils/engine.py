@@ -63,6 +63,7 @@ def worker_config(settings: Settings, model_dir: Path) -> engine_worker.WorkerCo
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         kv_cache_size_gb=settings.kv_cache_size_gb,
+        kv_cache_blocks=settings.kv_cache_blocks,
         enable_prefix_caching=settings.enable_prefix_caching,
         log_level=settings.log_level,
         stream_interval_s=settings.stream_interval_ms / 1000,

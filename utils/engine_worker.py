@@ -430,7 +430,8 @@ class WorkerConfig:
     ov_config: dict[str, Any] = field(default_factory=dict)
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 2048
-    kv_cache_size_gb: float = 2.0
+    kv_cache_size_gb: int = 2
+    kv_cache_blocks: int | None = None
     enable_prefix_caching: bool = True
     dynamic_split_fuse: bool = True
     log_level: str = "info"
@@ -717,7 +718,9 @@ class CBBackend(Backend):
     def __init__(self, conn: Connection, ov: Any, genai: Any, cfg: WorkerConfig) -> None:
         super().__init__(conn, ov, genai, Path(cfg.model_dir))
         sc = genai.SchedulerConfig()
-        sc.cache_size = max(1, round(cfg.kv_cache_size_gb))
+        sc.cache_size = cfg.kv_cache_size_gb
+        if cfg.kv_cache_blocks:
+            sc.num_kv_blocks = cfg.kv_cache_blocks
         sc.max_num_seqs = cfg.max_num_seqs
         sc.max_num_batched_tokens = cfg.max_num_batched_tokens
         sc.enable_prefix_caching = cfg.enable_prefix_caching

@@ -115,8 +115,18 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         2048, ge=64, description="Tokens processed per scheduler step."
     )
-    kv_cache_size_gb: float = Field(
-        2.0, gt=0.0, description="KV cache size in GB (continuous batching)."
+    kv_cache_size_gb: int = Field(
+        2,
+        ge=1,
+        description="KV cache size in whole GB (continuous batching). It is allocated at "
+        "start and becomes resident as it is first used, so the engine's memory grows "
+        "toward this size under load and then stays there.",
+    )
+    kv_cache_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="Exact KV cache size in blocks, overriding VLM_KV_CACHE_SIZE_GB "
+        "(for small memory budgets and soak tests).",
     )
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV cache of a shared prompt prefix across requests."
