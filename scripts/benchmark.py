@@ -313,6 +313,8 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
     import openvino_genai as genai
 
     from utils.devices import engine_properties
+    from utils.engine import worker_config
+    from utils.engine_worker import scheduler_config
     from utils.settings import Settings
 
     settings = Settings()
@@ -373,14 +375,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
         wall = time.perf_counter() - started
         return summarize(samples, wall, "raw VLMPipeline c=1")
 
-    scheduler = genai.SchedulerConfig()
-    scheduler.cache_size = settings.kv_cache_size_gb
-    if settings.kv_cache_blocks:
-        scheduler.num_kv_blocks = settings.kv_cache_blocks
-    scheduler.max_num_seqs = settings.max_num_seqs
-    scheduler.max_num_batched_tokens = settings.max_num_batched_tokens
-    scheduler.enable_prefix_caching = settings.enable_prefix_caching
-    scheduler.dynamic_split_fuse = True
+    scheduler = scheduler_config(genai, worker_config(settings, Path(model_dir)))
     pipe = genai.ContinuousBatchingPipeline(model_dir, scheduler, settings.device, properties)
     prompt = pipe.get_tokenizer().apply_chat_template(
         [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True

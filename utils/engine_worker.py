@@ -422,6 +422,20 @@ class RequestError(Exception):
         self.code = code
 
 
+def scheduler_config(genai: Any, cfg: WorkerConfig) -> Any:
+    """The continuous-batching SchedulerConfig for `cfg` (scripts/benchmark.py's raw mode
+    uses it too, so both run the same scheduler)."""
+    sc = genai.SchedulerConfig()
+    sc.cache_size = cfg.kv_cache_size_gb
+    if cfg.kv_cache_blocks:
+        sc.num_kv_blocks = cfg.kv_cache_blocks
+    sc.max_num_seqs = cfg.max_num_seqs
+    sc.max_num_batched_tokens = cfg.max_num_batched_tokens
+    sc.enable_prefix_caching = cfg.enable_prefix_caching
+    sc.dynamic_split_fuse = cfg.dynamic_split_fuse
+    return sc
+
+
 @dataclass
 class WorkerConfig:
     model_dir: str
@@ -717,16 +731,8 @@ class CBBackend(Backend):
 
     def __init__(self, conn: Connection, ov: Any, genai: Any, cfg: WorkerConfig) -> None:
         super().__init__(conn, ov, genai, Path(cfg.model_dir))
-        sc = genai.SchedulerConfig()
-        sc.cache_size = cfg.kv_cache_size_gb
-        if cfg.kv_cache_blocks:
-            sc.num_kv_blocks = cfg.kv_cache_blocks
-        sc.max_num_seqs = cfg.max_num_seqs
-        sc.max_num_batched_tokens = cfg.max_num_batched_tokens
-        sc.enable_prefix_caching = cfg.enable_prefix_caching
-        sc.dynamic_split_fuse = cfg.dynamic_split_fuse
         self.pipe = genai.ContinuousBatchingPipeline(
-            str(cfg.model_dir), sc, cfg.device, dict(cfg.ov_config)
+            str(cfg.model_dir), scheduler_config(genai, cfg), cfg.device, dict(cfg.ov_config)
         )
         self.preparer = Preparer(ov, genai, self.pipe.get_tokenizer(), self.model_dir)
         self.table = ByteTokenTable.build(self.preparer.tokenizer)
