@@ -491,6 +491,45 @@ def _sse(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class _ChunkWriter:
+    """Renders the chunks of one stream as `ChatCompletionChunk.to_json` would.
+
+    The role and usage chunks go through the model; the per-token content and
+    finish chunks are spliced into a JSON template of the stream's fixed fields,
+    with only the new text encoded each time.
+    """
+
+    __slots__ = ("_base", "_head", "_tail")
+
+    def __init__(self, base: ChatCompletionChunk, include_usage: bool) -> None:
+        self._base = base
+        template = base.to_json(with_usage_field=include_usage)
+        head, sep, tail = template.partition('"choices":[]')
+        assert sep, template
+        self._head = "data: " + head + '"choices":[{"index":'
+        self._tail = "]" + tail + "\n\n"
+
+    def model(self, choices: list[ChunkChoice], usage: Usage | None, include_usage: bool) -> bytes:
+        body = self._base.model_copy(update={"choices": choices, "usage": usage})
+        return _sse(body.to_json(with_usage_field=include_usage))
+
+    def content(self, index: int, text: str) -> str:
+        return (
+            f'{self._head}{index},"delta":{{"content":'
+            f'{json.dumps(text, ensure_ascii=False)}}},"logprobs":null,'
+            f'"finish_reason":null}}{self._tail}'
+        )
+
+    def finish(self, index: int, reason: str) -> str:
+        return (
+            f'{self._head}{index},"delta":{{}},"logprobs":null,'
+            f'"finish_reason":{json.dumps(reason)}}}{self._tail}'
+        )
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
 async def _stream(
     events: AsyncIterator[GenerationEvent],
     first: GenerationEvent | None,
@@ -502,57 +541,71 @@ async def _stream(
     n: int,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
+    """The SSE body. Chunks that are ready together go out as one write (the
+    role chunks with the first text, the last text with the finish, usage and
+    [DONE] chunks); the bytes on the wire are the same as one write per chunk."""
     totals = _Totals(n)
-
-    def chunk(choices: list[ChunkChoice], usage: Usage | None = None) -> bytes:
-        body = ChatCompletionChunk(
+    writer = _ChunkWriter(
+        ChatCompletionChunk(
             id=completion_id,
             created=created,
             model=model,
             system_fingerprint=fingerprint,
-            choices=choices,
-            usage=usage,
-        )
-        return _sse(body.to_json(with_usage_field=include_usage))
+            choices=[],
+            usage=None,
+        ),
+        include_usage,
+    )
+    unfinished = n
 
-    def render(event: GenerationEvent) -> list[bytes]:
+    def render(event: GenerationEvent) -> str:
+        nonlocal unfinished
         totals.add(event)
-        out = []
+        out = ""
         if event.text:
-            out.append(chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))]))
+            out = writer.content(event.index, event.text)
         if event.finish_reason:
-            out.append(
-                chunk(
-                    [
-                        ChunkChoice(
-                            index=event.index, delta=Delta(), finish_reason=event.finish_reason
-                        )
-                    ]
-                )
-            )
+            out += writer.finish(event.index, event.finish_reason)
+            unfinished -= 1
         return out
 
+    held = b""  # rendered, not yet sent: the last chunks, sent with what follows
+    final = _DONE
     try:
-        for k in range(n):
-            yield chunk([ChunkChoice(index=k, delta=Delta(role="assistant", content=""))])
+        head = b"".join(
+            writer.model(
+                [ChunkChoice(index=k, delta=Delta(role="assistant", content=""))],
+                None,
+                include_usage,
+            )
+            for k in range(n)
+        )
         if first is not None:
-            for data in render(first):
-                yield data
+            head += render(first).encode()
+        if unfinished > 0 or first is None:
+            yield head
+        else:
+            held = head
+        if first is not None:
             async for event in events:
-                for data in render(event):
-                    yield data
+                data = render(event)
+                if unfinished > 0:
+                    if data:
+                        yield data.encode()
+                else:
+                    held += data.encode()
         if include_usage:
-            yield chunk([], usage=totals.usage())
+            held += writer.model([], totals.usage(), include_usage)
     except OpenAIError as exc:
         logger.info("[%s] stream ended with error %s: %s", completion_id, exc.status, exc.message)
-        yield _sse(json.dumps(exc.body()))
+        held += _sse(json.dumps(exc.body()))
     except Exception:
         logger.exception("[%s] stream failed", completion_id)
         error = OpenAIError(500, "The server had an error while processing your request.")
-        yield _sse(json.dumps(error.body()))
+        held += _sse(json.dumps(error.body()))
     finally:
         await _aclose(events)
-    yield b"data: [DONE]\n\n"
+    yield held + final
 
 
 # --- routes ------------------------------------------------------------------
