@@ -18,15 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-from fastapi import FastAPI
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import create_app
-from tests.fixtures.server import data_url, make_image
+from tests.fixtures.server import asgi_client, data_url, make_app, make_image
 from utils.generation import GenerationEvent, ModelInfo
 from utils.observability import Metrics
-from utils.settings import Settings
 
 _INFO = ModelInfo("tiny", "qwen2_vl", "/models/tiny", True, 4096)
 
@@ -49,18 +46,6 @@ class _StandInEngine:
         return dict(self.counters)
 
 
-def _app(**overrides: object) -> FastAPI:
-    return create_app(Settings(_env_file=None, **overrides))
-
-
-@contextlib.asynccontextmanager
-async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
-
-
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(text):
@@ -74,15 +59,15 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 
 async def test_health_is_always_up_and_public() -> None:
-    app = _app(api_keys="k")
-    async with _client(app) as client:
+    app = make_app(api_keys="k")
+    async with asgi_client(app) as client:
         response = await client.get("/health")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
 async def test_ready_follows_the_engine() -> None:
-    app = _app()
-    async with _client(app) as client:
+    app = make_app()
+    async with asgi_client(app) as client:
         # Loading: no engine yet.
         app.state.engine = None
         response = await client.get("/ready")
@@ -103,7 +88,7 @@ async def test_ready_follows_the_engine() -> None:
 
 
 async def test_ready_reports_a_failed_load() -> None:
-    app = _app()
+    app = make_app()
 
     async def fail() -> None:
         raise RuntimeError("no such model")
@@ -112,7 +97,7 @@ async def test_ready_reports_a_failed_load() -> None:
     app.state.loader = asyncio.create_task(fail())
     with contextlib.suppress(RuntimeError):
         await app.state.loader
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         response = await client.get("/ready")
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_failed"
@@ -121,9 +106,9 @@ async def test_ready_reports_a_failed_load() -> None:
 
 
 async def test_status_queue_and_engine_gauges() -> None:
-    app = _app(max_queue=9, max_num_seqs=4, device="cpu")
+    app = make_app(max_queue=9, max_num_seqs=4, device="cpu")
     app.state.engine = _StandInEngine()
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         queue = (await client.get("/queue")).json()
         assert queue == {"queue_depth": 3, "running": 2, "max_queue": 9, "max_num_seqs": 4}
         status = (await client.get("/status")).json()
@@ -142,8 +127,8 @@ async def test_status_queue_and_engine_gauges() -> None:
 
 
 async def test_request_counts_per_app() -> None:
-    first, second = _app(api_keys="k"), _app()
-    async with _client(first) as a, _client(second) as b:
+    first, second = make_app(api_keys="k"), make_app()
+    async with asgi_client(first) as a, asgi_client(second) as b:
         for _ in range(3):
             await a.get("/health")
         await a.get("/v1/models")  # 401, counted on its route

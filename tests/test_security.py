@@ -22,23 +22,10 @@ from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 import utils.security
-from app import create_app
+from tests.fixtures.server import asgi_client, make_app
 from utils.security import RequestIdLogFilter, install_log_filter
-from utils.settings import Settings
 
 KEYS = "key-one,key-two,key-three"
-
-
-def _app(**overrides: object) -> FastAPI:
-    return create_app(Settings(_env_file=None, **overrides))
-
-
-@contextlib.asynccontextmanager
-async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
 
 
 @contextlib.contextmanager
@@ -63,13 +50,13 @@ def _uvicorn(app: FastAPI) -> Iterator[int]:
 
 
 async def test_no_keys_means_open() -> None:
-    async with _client(_app()) as client:
+    async with asgi_client(make_app()) as client:
         for path in ("/health", "/v1/models", "/status", "/metrics"):
             assert (await client.get(path)).status_code == 200, path
 
 
 async def test_keys_required_everywhere_but_liveness() -> None:
-    async with _client(_app(api_keys=KEYS)) as client:
+    async with asgi_client(make_app(api_keys=KEYS)) as client:
         assert (await client.get("/health")).status_code == 200
         for path in ("/v1/models", "/status", "/queue", "/metrics", "/ready", "/openapi.json"):
             response = await client.get(path)
@@ -102,7 +89,7 @@ async def test_keys_compared_in_constant_time_against_every_key(
         return real(a, b)
 
     monkeypatch.setattr(utils.security.hmac, "compare_digest", spy)
-    async with _client(_app(api_keys=KEYS)) as client:
+    async with asgi_client(make_app(api_keys=KEYS)) as client:
         response = await client.get("/v1/models", headers={"Authorization": "Bearer key-one"})
         assert response.status_code == 200
         # The first key matched, and every key was still compared.
@@ -117,7 +104,7 @@ async def test_keys_compared_in_constant_time_against_every_key(
 
 
 async def test_body_over_limit_by_content_length() -> None:
-    async with _client(_app(max_body_bytes=2048)) as client:
+    async with asgi_client(make_app(max_body_bytes=2048)) as client:
         response = await client.post(
             "/v1/chat/completions",
             content=b"x" * 5000,
@@ -133,7 +120,7 @@ async def test_streamed_body_over_limit_is_counted() -> None:
         for _ in range(10):
             yield b"x" * 1000
 
-    async with _client(_app(max_body_bytes=2048)) as client:
+    async with asgi_client(make_app(max_body_bytes=2048)) as client:
         response = await client.post(
             "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
         )
@@ -142,7 +129,7 @@ async def test_streamed_body_over_limit_is_counted() -> None:
 
 
 async def test_body_under_limit_passes() -> None:
-    async with _client(_app(max_body_bytes=2048)) as client:
+    async with asgi_client(make_app(max_body_bytes=2048)) as client:
         response = await client.post(
             "/v1/chat/completions",
             content=b"{not json",
@@ -155,7 +142,7 @@ def test_oversized_body_refused_before_it_is_sent() -> None:
     """Over a real socket: the 413 comes back although the client has sent
     only the headers of a body announced at 1 GB."""
     with (
-        _uvicorn(_app(max_body_bytes=4096)) as port,
+        _uvicorn(make_app(max_body_bytes=4096)) as port,
         socket.create_connection(("127.0.0.1", port), timeout=10) as conn,
     ):
         conn.sendall(
@@ -174,7 +161,7 @@ def test_oversized_body_refused_before_it_is_sent() -> None:
 
 def test_streaming_responses_are_not_buffered() -> None:
     """The first chunk reaches the client while the stream is still open."""
-    app = _app(api_keys="k", max_body_bytes=4096)
+    app = make_app(api_keys="k", max_body_bytes=4096)
     released = threading.Event()
     outcome: list[str] = []
 
@@ -207,7 +194,7 @@ def test_streaming_responses_are_not_buffered() -> None:
 
 
 async def test_cors_off_by_default() -> None:
-    async with _client(_app()) as client:
+    async with asgi_client(make_app()) as client:
         response = await client.get("/v1/models", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in response.headers
         preflight = await client.options(
@@ -218,8 +205,8 @@ async def test_cors_off_by_default() -> None:
 
 
 async def test_cors_allows_configured_origins_only() -> None:
-    app = _app(cors_origins="https://app.example", api_keys="k")
-    async with _client(app) as client:
+    app = make_app(cors_origins="https://app.example", api_keys="k")
+    async with asgi_client(app) as client:
         # A preflight carries no key: CORS answers it before the key check.
         preflight = await client.options(
             "/v1/chat/completions",
@@ -269,7 +256,7 @@ async def test_request_ids_and_scrubbed_logs() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     install_log_filter(log)
-    app = _app()
+    app = make_app()
     payload = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
 
     async def noisy() -> dict[str, str]:
@@ -279,7 +266,7 @@ async def test_request_ids_and_scrubbed_logs() -> None:
 
     app.add_api_route("/_log", noisy, methods=["GET"])
     try:
-        async with _client(app) as client:
+        async with asgi_client(app) as client:
             response = await client.get("/_log", headers={"X-Request-ID": "abc-123"})
             assert response.headers["x-request-id"] == "abc-123"
             generated = (await client.get("/health")).headers["x-request-id"]
@@ -328,7 +315,7 @@ async def test_request_id_reaches_the_log_of_a_500() -> None:
     handler = _Records()
     log.addHandler(handler)
     install_log_filter(log)
-    app = _app()
+    app = make_app()
 
     async def broken() -> None:
         raise RuntimeError("boom")
