@@ -235,66 +235,78 @@ async def _probe_health(client: Any, url: str, stop: asyncio.Event, out: list[fl
         await asyncio.sleep(0.02)
 
 
-async def run_server(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
+class ServerRunner:
+    """Streams the benchmark's requests to a server, `concurrency` at a time."""
 
-    base = args.url.rstrip("/")
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
-    timeout = httpx.Timeout(args.timeout, connect=10)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        model = args.model
-        if model is None:
-            listing = (await client.get(f"{base}/v1/models", headers=headers)).json()
-            model = listing["data"][0]["id"]
-        urls = [image_data_url(make_image(args.image_size, seed=i)) for i in range(args.images)]
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.base = args.url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        self.urls = [
+            image_data_url(make_image(args.image_size, seed=i)) for i in range(args.images)
+        ]
+        self.sse = _SSEClient(f"{self.base}/v1/chat/completions", self.headers)
+        self.model = args.model
+        self.label = f"server {self.base} c={args.concurrency}"
 
-        def body(i: int) -> dict[str, Any]:
-            content: list[dict[str, Any]] = []
-            if args.image_size > 0:
-                content.append({"type": "image_url", "image_url": {"url": urls[i % len(urls)]}})
-            content.append({"type": "text", "text": args.prompt})
-            return {
-                "model": model,
-                "messages": [{"role": "user", "content": content}],
-                "max_completion_tokens": args.max_tokens,
-                "min_tokens": args.max_tokens,
-                "ignore_eos": True,
-                "temperature": 0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-            }
+    async def open(self, client: Any) -> None:
+        if self.model is None:
+            listing = (await client.get(f"{self.base}/v1/models", headers=self.headers)).json()
+            self.model = listing["data"][0]["id"]
+        for i in range(self.args.warmup):
+            await self.sse.stream(self.body(i))
 
-        endpoint = f"{base}/v1/chat/completions"
-        sse = _SSEClient(endpoint, headers)
-        for i in range(args.warmup):
-            await sse.stream(body(i))
+    def body(self, i: int) -> dict[str, Any]:
+        args = self.args
+        content: list[dict[str, Any]] = []
+        if args.image_size > 0:
+            url = self.urls[i % len(self.urls)]
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        content.append({"type": "text", "text": args.prompt})
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_completion_tokens": args.max_tokens,
+            "min_tokens": args.max_tokens,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
 
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(args.requests):
-            queue.put_nowait(i)
+    async def run(self, count: int) -> tuple[list[Sample], float]:
+        pending = iter(range(count))
         samples: list[Sample] = []
 
         async def worker() -> None:
-            while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                samples.append(await sse.stream(body(i)))
+            for i in pending:
+                samples.append(await self.sse.stream(self.body(i)))
 
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
+        return samples, time.perf_counter() - started
+
+
+async def run_server(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+
+    runner = ServerRunner(args)
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    timeout = httpx.Timeout(args.timeout, connect=10)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        await runner.open(client)
         stop = asyncio.Event()
         health: list[float] = []
         probe = None
         if args.health:
-            probe = asyncio.create_task(_probe_health(client, f"{base}/health", stop, health))
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        wall = time.perf_counter() - started
+            probe = asyncio.create_task(
+                _probe_health(client, f"{runner.base}/health", stop, health)
+            )
+        samples, wall = await runner.run(args.requests)
         stop.set()
         if probe is not None:
             await probe
-    result = summarize(samples, wall, f"server {base} c={args.concurrency}")
+    result = summarize(samples, wall, runner.label)
     if health:
         result.update(
             health_probes=len(health),
@@ -308,92 +320,107 @@ async def run_server(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------- raw mode
 
 
-def run_raw(args: argparse.Namespace) -> dict[str, Any]:
-    import openvino as ov
-    import openvino_genai as genai
+class RawRunner:
+    """The same inputs through OpenVINO GenAI in this process: `VLMPipeline` (one
+    request at a time) or `ContinuousBatchingPipeline` (`concurrency` at a time)."""
 
-    from utils.devices import engine_properties
-    from utils.engine import worker_config
-    from utils.engine_worker import scheduler_config
-    from utils.settings import Settings
+    def __init__(self, args: argparse.Namespace) -> None:
+        import openvino as ov
+        import openvino_genai as genai
 
-    settings = Settings()
-    properties = engine_properties(settings)  # VLM_OV_CONFIG, as the server passes it
-    model_dir = str(args.raw)
-    images = [make_image(args.image_size, seed=i) for i in range(args.images)]
-    tensors = [ov.Tensor(image) for image in images] if args.image_size > 0 else []
-    tag = "<ov_genai_image_0>" if tensors else ""
+        from utils.devices import engine_properties
+        from utils.engine import worker_config
+        from utils.engine_worker import scheduler_config
+        from utils.settings import Settings
 
-    def config() -> Any:
-        cfg = genai.GenerationConfig()
-        cfg.max_new_tokens = args.max_tokens
-        cfg.min_new_tokens = args.max_tokens
+        self.args, self.genai = args, genai
+        settings = Settings()
+        properties = engine_properties(settings)  # VLM_OV_CONFIG, as the server passes it
+        model_dir = str(args.raw)
+        images = [make_image(args.image_size, seed=i) for i in range(args.images)]
+        self.tensors = [ov.Tensor(image) for image in images] if args.image_size > 0 else []
+        tag = "<ov_genai_image_0>" if self.tensors else ""
+        self.use_vlm = args.raw_pipeline == "vlm" or (
+            args.raw_pipeline == "auto" and args.concurrency == 1
+        )
+        if self.use_vlm:
+            if args.concurrency != 1:
+                raise SystemExit("VLMPipeline runs one request at a time: use -c 1")
+            self.pipe = genai.VLMPipeline(model_dir, settings.device, **properties)
+            self.label = "raw VLMPipeline c=1"
+        else:
+            scheduler = scheduler_config(genai, worker_config(settings, Path(model_dir)))
+            self.pipe = genai.ContinuousBatchingPipeline(
+                model_dir, scheduler, settings.device, properties
+            )
+            self.label = f"raw ContinuousBatchingPipeline c={args.concurrency}"
+        self.prompt = self.pipe.get_tokenizer().apply_chat_template(
+            [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
+        )
+        self.next_id = 0
+        if args.warmup:
+            self.run(args.warmup if self.use_vlm else min(args.warmup, args.concurrency))
+
+    def config(self) -> Any:
+        cfg = self.genai.GenerationConfig()
+        cfg.max_new_tokens = self.args.max_tokens
+        cfg.min_new_tokens = self.args.max_tokens
         cfg.ignore_eos = True
         cfg.do_sample = False
         cfg.apply_chat_template = False
         return cfg
 
-    def inputs(i: int) -> list[Any]:
-        return [tensors[i % len(tensors)]] if tensors else []
+    def inputs(self, i: int) -> list[Any]:
+        return [self.tensors[i % len(self.tensors)]] if self.tensors else []
 
-    samples: list[Sample] = []
-    use_vlm = args.raw_pipeline == "vlm" or (args.raw_pipeline == "auto" and args.concurrency == 1)
-    if use_vlm:
-        if args.concurrency != 1:
-            raise SystemExit("VLMPipeline runs one request at a time: use -c 1")
-        pipe = genai.VLMPipeline(model_dir, settings.device, **properties)
-        prompt = pipe.get_tokenizer().apply_chat_template(
-            [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
-        )
+    def run(self, count: int) -> tuple[list[Sample], float]:
+        started = time.perf_counter()
+        samples = self._vlm(count) if self.use_vlm else self._cb(count)
+        return samples, time.perf_counter() - started
 
-        def one(i: int) -> Sample:
+    def _vlm(self, count: int) -> list[Sample]:
+        genai = self.genai
+        samples = []
+        for i in range(count):
             sample = Sample(start=time.perf_counter())
 
-            def on_token(_: Any) -> Any:
-                now = time.perf_counter()
-                if sample.first is None:
-                    sample.first = now
-                sample.token_times.append(now)
-                sample.tokens += 1
-                return genai.StreamingStatus.RUNNING
-
             class Streamer(genai.StreamerBase):  # token ids, no detokenization cost
-                def write(self, token: Any) -> Any:
-                    return on_token(token)
+                def write(self, token: Any, sample: Sample = sample) -> Any:
+                    now = time.perf_counter()
+                    if sample.first is None:
+                        sample.first = now
+                    sample.token_times.append(now)
+                    sample.tokens += 1
+                    return genai.StreamingStatus.RUNNING
 
                 def end(self) -> None:
                     return None
 
-            pipe.generate(prompt, images=inputs(i), generation_config=config(), streamer=Streamer())
+            self.pipe.generate(
+                self.prompt,
+                images=self.inputs(i),
+                generation_config=self.config(),
+                streamer=Streamer(),
+            )
             sample.end = time.perf_counter()
-            return sample
+            samples.append(sample)
+        return samples
 
-        for i in range(args.warmup):
-            one(i)
-        started = time.perf_counter()
-        samples = [one(i) for i in range(args.requests)]
-        wall = time.perf_counter() - started
-        return summarize(samples, wall, "raw VLMPipeline c=1")
-
-    scheduler = scheduler_config(genai, worker_config(settings, Path(model_dir)))
-    pipe = genai.ContinuousBatchingPipeline(model_dir, scheduler, settings.device, properties)
-    prompt = pipe.get_tokenizer().apply_chat_template(
-        [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
-    )
-
-    def batch(first_id: int, count: int) -> tuple[list[Sample], float]:
+    def _cb(self, count: int) -> list[Sample]:
         """Keeps `concurrency` requests in flight until `count` are done."""
+        genai, pipe = self.genai, self.pipe
         pending = list(range(count))
         running: dict[int, tuple[Any, Sample]] = {}
         done: list[Sample] = []
-        started = time.perf_counter()
         while pending or running:
             submitted = time.perf_counter()  # requests that arrive together start together
-            while pending and len(running) < args.concurrency:
+            while pending and len(running) < self.args.concurrency:
                 i = pending.pop(0)
-                sample = Sample(start=submitted)
-                handle = pipe.add_request(first_id + i, prompt, inputs(i), [], config())
-                running[i] = (handle, sample)
+                self.next_id += 1
+                handle = pipe.add_request(
+                    self.next_id, self.prompt, self.inputs(i), [], self.config()
+                )
+                running[i] = (handle, Sample(start=submitted))
             pipe.step()
             now = time.perf_counter()
             for i, (handle, sample) in list(running.items()):
@@ -407,12 +434,87 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
                     sample.end = now
                     done.append(sample)
                     del running[i]
-        return done, time.perf_counter() - started
+        return done
 
-    if args.warmup:
-        batch(10_000, min(args.warmup, args.concurrency))
-    samples, wall = batch(0, args.requests)
-    return summarize(samples, wall, f"raw ContinuousBatchingPipeline c={args.concurrency}")
+
+def run_raw(args: argparse.Namespace) -> dict[str, Any]:
+    runner = RawRunner(args)
+    samples, wall = runner.run(args.requests)
+    return summarize(samples, wall, runner.label)
+
+
+# ------------------------------------------------------------------- paired mode
+
+PAIRED_KEYS = (
+    ("aggregate_tok_s", "higher"),
+    ("request_tok_s_mean", "higher"),
+    ("ttft_ms_p50", "lower"),
+)
+
+
+async def run_paired(args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds of the server and the raw pipeline, back to back on the same inputs.
+
+    On a machine whose speed drifts (shared hosts, turbo, noisy neighbours), two
+    separate runs minutes apart differ by more than the overhead being measured.
+    Here each round runs both sides within seconds of each other, in alternating
+    order (server first in even rounds, raw first in odd ones), and the ratio is
+    taken per round; the median of those ratios is the result.
+    """
+    import httpx
+
+    server = ServerRunner(args)
+    raw = await asyncio.to_thread(RawRunner, args)
+    rounds: list[dict[str, Any]] = []
+    everything: dict[str, list[Sample]] = {"server": [], "raw": []}
+    walls = {"server": 0.0, "raw": 0.0}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=10)) as client:
+        await server.open(client)
+        for number in range(args.rounds):
+            results: dict[str, dict[str, Any]] = {}
+            order = ("server", "raw") if number % 2 == 0 else ("raw", "server")
+            for side in order:
+                if side == "server":
+                    samples, wall = await server.run(args.requests)
+                else:
+                    samples, wall = await asyncio.to_thread(raw.run, args.requests)
+                everything[side] += samples
+                walls[side] += wall
+                results[side] = summarize(samples, wall, side)
+            ratios = {key: _ratio(results["server"], results["raw"], key) for key, _ in PAIRED_KEYS}
+            rounds.append({"server": results["server"], "raw": results["raw"], "ratios": ratios})
+            print(
+                f"round {number + 1}/{args.rounds}: "
+                + "   ".join(
+                    f"{key} {results['server'][key]:.2f} / {results['raw'][key]:.2f} "
+                    f"= {ratios[key]:.3f}"
+                    for key, _ in PAIRED_KEYS
+                ),
+                flush=True,
+            )
+    result = summarize(everything["server"], walls["server"], server.label)
+    result["raw"] = summarize(everything["raw"], walls["raw"], raw.label)
+    result["rounds"] = rounds
+    result["median_ratios"] = {
+        key: statistics.median(r["ratios"][key] for r in rounds) for key, _ in PAIRED_KEYS
+    }
+    return result
+
+
+def _ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float:
+    a, b = ours.get(key), theirs.get(key)
+    return a / b if a and b else float("nan")
+
+
+def print_paired(result: dict[str, Any]) -> None:
+    print_summary(result["raw"])
+    print(f"== server / raw, median of {len(result['rounds'])} paired rounds")
+    for key, better in PAIRED_KEYS:
+        values = sorted(r["ratios"][key] for r in result["rounds"])
+        print(
+            f"{key:20s} {result['median_ratios'][key]:6.3f}  "
+            f"(rounds {values[0]:.3f} to {values[-1]:.3f}; {better} is better)"
+        )
 
 
 # --------------------------------------------------------------------------- cli
@@ -457,13 +559,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="requests before measuring")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--health", action="store_true", help="probe /health while streaming")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="with --raw: alternate rounds of the server at --url and the raw pipeline "
+        "and report the median of the per-round ratios",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="paired mode: rounds")
     parser.add_argument("--save", type=Path, help="write the result as JSON")
     parser.add_argument("--baseline", type=Path, help="a saved result to compare against")
     args = parser.parse_args(argv)
 
-    result = run_raw(args) if args.raw else asyncio.run(run_server(args))
+    if args.paired and not args.raw:
+        parser.error("--paired needs --raw MODEL_DIR (and --url)")
+    if args.paired:
+        result = asyncio.run(run_paired(args))
+    else:
+        result = run_raw(args) if args.raw else asyncio.run(run_server(args))
     result["args"] = {k: str(v) for k, v in vars(args).items()}
     print_summary(result)
+    if args.paired:
+        print_paired(result)
+        result["errors"] += result["raw"]["errors"]
     if args.baseline:
         compare(result, json.loads(args.baseline.read_text()))
     if args.save:

@@ -28,3 +28,21 @@ def test_benchmark_raw_modes(qwen2vl_ir: Path, tmp_path: Path) -> None:
         result = json.loads(out.read_text())
         assert result["output_tokens"] == 3 * 6
         assert result["errors"] == 0
+
+
+def test_benchmark_paired_mode(live_server, qwen2vl_ir: Path, tmp_path: Path) -> None:
+    base_url = live_server()
+    out = tmp_path / "paired.json"
+    args = ["--url", base_url, "--raw", str(qwen2vl_ir), "--paired", "--rounds", "3"]
+    args += ["-c", "2", "-n", "2", "--max-tokens", "5", "--image-size", "64"]
+    assert benchmark([*args, "--save", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 3
+    assert result["output_tokens"] == 3 * 2 * 5  # the server side, every round
+    assert result["raw"]["output_tokens"] == 3 * 2 * 5
+    assert result["errors"] == result["raw"]["errors"] == 0
+    for round_ in result["rounds"]:
+        ratio = round_["server"]["aggregate_tok_s"] / round_["raw"]["aggregate_tok_s"]
+        assert abs(round_["ratios"]["aggregate_tok_s"] - ratio) < 1e-9
+    ratios = sorted(r["ratios"]["aggregate_tok_s"] for r in result["rounds"])
+    assert result["median_ratios"]["aggregate_tok_s"] == ratios[1]
