@@ -354,7 +354,8 @@ class RawRunner:
                 model_dir, scheduler, settings.device, properties
             )
             self.label = f"raw ContinuousBatchingPipeline c={args.concurrency}"
-        self.prompt = self.pipe.get_tokenizer().apply_chat_template(
+        self.tokenizer = self.pipe.get_tokenizer()
+        self.prompt = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
         )
         self.next_id = 0
@@ -378,29 +379,44 @@ class RawRunner:
         samples = self._vlm(count) if self.use_vlm else self._cb(count)
         return samples, time.perf_counter() - started
 
+    def shows_text(self, ids: list[int]) -> bool:
+        """Whether these first tokens decode to text a client would be sent: a server
+        shows nothing for a special token or the first bytes of a multi-byte
+        character, so TTFT on both sides is the time to the first visible text."""
+        text = self.tokenizer.decode(ids)
+        return bool(text) and not text.endswith("\ufffd")
+
     def _vlm(self, count: int) -> list[Sample]:
-        genai = self.genai
+        genai, runner = self.genai, self
+
+        class Streamer(genai.StreamerBase):  # token ids: no detokenization per token
+            def __init__(self, sample: Sample) -> None:
+                super().__init__()
+                self.sample = sample
+                self.first_ids: list[int] = []
+
+            def write(self, token: Any) -> Any:
+                now, sample = time.perf_counter(), self.sample
+                ids = [token] if isinstance(token, int) else list(token)
+                sample.token_times.append(now)
+                sample.tokens += len(ids)
+                if sample.first is None:
+                    self.first_ids.extend(ids)
+                    if runner.shows_text(self.first_ids):
+                        sample.first = now
+                return genai.StreamingStatus.RUNNING
+
+            def end(self) -> None:
+                return None
+
         samples = []
         for i in range(count):
             sample = Sample(start=time.perf_counter())
-
-            class Streamer(genai.StreamerBase):  # token ids, no detokenization cost
-                def write(self, token: Any, sample: Sample = sample) -> Any:
-                    now = time.perf_counter()
-                    if sample.first is None:
-                        sample.first = now
-                    sample.token_times.append(now)
-                    sample.tokens += 1
-                    return genai.StreamingStatus.RUNNING
-
-                def end(self) -> None:
-                    return None
-
             self.pipe.generate(
                 self.prompt,
                 images=self.inputs(i),
                 generation_config=self.config(),
-                streamer=Streamer(),
+                streamer=Streamer(sample),
             )
             sample.end = time.perf_counter()
             samples.append(sample)
@@ -411,6 +427,7 @@ class RawRunner:
         genai, pipe = self.genai, self.pipe
         pending = list(range(count))
         running: dict[int, tuple[Any, Sample]] = {}
+        first_ids: dict[int, list[int]] = {}  # tokens of requests that show no text yet
         done: list[Sample] = []
         while pending or running:
             submitted = time.perf_counter()  # requests that arrive together start together
@@ -427,9 +444,12 @@ class RawRunner:
                 while handle.can_read():
                     for output in handle.read().values():
                         if output.generated_ids:
-                            sample.first = sample.first or now
                             sample.token_times.append(now)
                             sample.tokens += len(output.generated_ids)
+                            if sample.first is None:
+                                first_ids.setdefault(i, []).extend(output.generated_ids)
+                                if self.shows_text(first_ids[i]):
+                                    sample.first = now
                 if handle.get_status() != genai.GenerationStatus.RUNNING:
                     sample.end = now
                     done.append(sample)
