@@ -248,13 +248,19 @@ class ServerRunner:
         self.sse = _SSEClient(f"{self.base}/v1/chat/completions", self.headers)
         self.model = args.model
         self.label = f"server {self.base} c={args.concurrency}"
+        self.inputs_used = 0
+
+    def next_input(self) -> int:
+        """Index of the next request's image: rounds go on where the last one ended."""
+        self.inputs_used += 1
+        return self.inputs_used - 1
 
     async def open(self, client: Any) -> None:
         if self.model is None:
             listing = (await client.get(f"{self.base}/v1/models", headers=self.headers)).json()
             self.model = listing["data"][0]["id"]
-        for i in range(self.args.warmup):
-            await self.sse.stream(self.body(i))
+        for _ in range(self.args.warmup):
+            await self.sse.stream(self.body(self.next_input()))
 
     def body(self, i: int) -> dict[str, Any]:
         args = self.args
@@ -279,8 +285,8 @@ class ServerRunner:
         samples: list[Sample] = []
 
         async def worker() -> None:
-            for i in pending:
-                samples.append(await self.sse.stream(self.body(i)))
+            for _ in pending:
+                samples.append(await self.sse.stream(self.body(self.next_input())))
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
@@ -359,8 +365,10 @@ class RawRunner:
             [{"role": "user", "content": tag + args.prompt}], add_generation_prompt=True
         )
         self.next_id = 0
+        self.inputs_used = 0
         if args.warmup:
             self.run(args.warmup if self.use_vlm else min(args.warmup, args.concurrency))
+        self.inputs_used = args.warmup  # measured requests start where the server's do
 
     def config(self) -> Any:
         cfg = self.genai.GenerationConfig()
@@ -371,8 +379,10 @@ class RawRunner:
         cfg.apply_chat_template = False
         return cfg
 
-    def inputs(self, i: int) -> list[Any]:
-        return [self.tensors[i % len(self.tensors)]] if self.tensors else []
+    def next_inputs(self) -> list[Any]:
+        """The next request's image, in the order the server side uses them."""
+        self.inputs_used += 1
+        return [self.tensors[(self.inputs_used - 1) % len(self.tensors)]] if self.tensors else []
 
     def run(self, count: int) -> tuple[list[Sample], float]:
         started = time.perf_counter()
@@ -410,11 +420,11 @@ class RawRunner:
                 return None
 
         samples = []
-        for i in range(count):
+        for _ in range(count):
             sample = Sample(start=time.perf_counter())
             self.pipe.generate(
                 self.prompt,
-                images=self.inputs(i),
+                images=self.next_inputs(),
                 generation_config=self.config(),
                 streamer=Streamer(sample),
             )
@@ -435,7 +445,7 @@ class RawRunner:
                 i = pending.pop(0)
                 self.next_id += 1
                 handle = pipe.add_request(
-                    self.next_id, self.prompt, self.inputs(i), [], self.config()
+                    self.next_id, self.prompt, self.next_inputs(), [], self.config()
                 )
                 running[i] = (handle, Sample(start=submitted))
             pipe.step()
