@@ -38,6 +38,8 @@ class _StandInEngine:
             "kv_cache_usage": 0.25,
             "restarts": 1,
             "generations_served": 7,
+            "engine_pipeline_seconds": 12.5,
+            "engine_loop_overhead_seconds": 0.75,
         }
     )
     info: ModelInfo = _INFO
@@ -123,6 +125,8 @@ async def test_status_queue_and_engine_gauges() -> None:
     assert _value(samples, "vlm_kv_cache_usage_ratio") == 0.25
     assert _value(samples, "vlm_engine_restarts_total") == 1
     assert _value(samples, "vlm_generations_served_total") == 7
+    assert _value(samples, "vlm_engine_pipeline_seconds_total") == 12.5
+    assert _value(samples, "vlm_engine_loop_overhead_seconds_total") == 0.75
     assert _value(samples, "vlm_engine_ready") == 1
 
 
@@ -226,6 +230,8 @@ async def test_metrics_move_as_requests_are_served(live_server: Callable[..., st
     assert delta("vlm_time_per_output_token_seconds_count") == 2
     assert delta("vlm_media_items_total", kind="image") == 2
     assert delta("vlm_generations_served_total") == 2
+    assert delta("vlm_engine_pipeline_seconds_total") > 0  # two generations ran steps
+    assert delta("vlm_engine_loop_overhead_seconds_total") > 0
     assert _value(after, "vlm_engine_ready") == 1
     assert status_after["state"] == "ready" and status_after["model_type"] == "qwen2_vl"
     assert status_after["generations_served"] - status_before["generations_served"] == 2

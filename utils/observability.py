@@ -71,6 +71,17 @@ class _EngineCollector:
         for key, name, doc in (
             ("restarts", "vlm_engine_restarts", "Times the engine process was restarted."),
             ("generations_served", "vlm_generations_served", "Generations the engine finished."),
+            (
+                "engine_pipeline_seconds",
+                "vlm_engine_pipeline_seconds",
+                "Seconds the engine process spent in the OpenVINO pipeline (since it started).",
+            ),
+            (
+                "engine_loop_overhead_seconds",
+                "vlm_engine_loop_overhead_seconds",
+                "Seconds the engine process spent around the pipeline: requests in, "
+                "detokenizing, messages out (since it started).",
+            ),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(stats.get(key, 0) or 0))
