@@ -750,6 +750,8 @@ class CBBackend(Backend):
         self._stats = (0, 0, 0.0)
 
     def add(self, rid: int, request: GenerationRequest) -> None:
+        if self.stream_interval:
+            self.release_held()
         try:
             prep = self.preparer.prepare(request)
             handle = self.pipe.add_request(rid, prep.prompt, prep.images, prep.videos, prep.config)
@@ -758,6 +760,29 @@ class CBBackend(Backend):
             return
         self.active[rid] = _Active(rid, prep, handle, self.table)
         self.events.append((rid, 0, "", 0, None, prep.prompt_tokens))
+
+    def release_held(self) -> None:
+        """Sends the text the stream interval holds back. `add_request` encodes the new
+        request's images before it returns, which can take long; no piece of a running
+        answer should wait behind that."""
+        now = time.monotonic()
+        for active in self.active.values():
+            for choice in active.choices:
+                if choice.held and not choice.closed:
+                    text, choice.held = choice.held, ""
+                    choice.last_sent = now
+                    for index in self._indices(active, choice):
+                        self.events.append(
+                            (
+                                active.rid,
+                                index,
+                                text,
+                                choice.tokens,
+                                None,
+                                active.prep.prompt_tokens,
+                            )
+                        )
+        self.flush()
 
     def abort(self, rid: int) -> None:
         active = self.active.pop(rid, None)
