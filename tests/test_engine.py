@@ -329,23 +329,5 @@ async def test_stream_interval_groups_fast_tokens(qwen2vl_ir: Path, engine: Engi
         # the first piece at once, the rest together with the finish
         assert len([e for e in grouped.events if e.text]) <= 2 < len(single.events)
 
-        # A new request's arrival releases the held text of running ones (adding it
-        # encodes its image, which may take long), instead of holding it to the end.
-        running = client.generate(request(max_new_tokens=3000))
-        pieces = [event async for event in _until_text(running)]
-        assert pieces[-1].finish_reason is None
-        other = asyncio.create_task(collect(client.generate(req)))
-        released = [event async for event in _until_text(running)]
-        assert released[-1].finish_reason is None and released[-1].completion_tokens < 3000
-        await running.aclose()
-        assert (await other).texts == single.texts
     finally:
         await client.stop()
-
-
-async def _until_text(events: AsyncIterator[GenerationEvent]) -> AsyncIterator[GenerationEvent]:
-    """The events of a stream up to and including the next one with text."""
-    async for event in events:
-        yield event
-        if event.text or event.finish_reason:
-            return

@@ -1,4 +1,5 @@
-"""Incremental detokenization and stop strings, on the tiny models' real tokenizers."""
+"""Incremental detokenization, stop strings and the stream interval, on the tiny models'
+real tokenizers and pipelines."""
 
 from __future__ import annotations
 
@@ -163,3 +164,64 @@ def test_prompt_token_count_matches_the_pipeline(kind: str, request: pytest.Fixt
             pipe.step()
         measured = handle.get_perf_metrics().get_num_input_tokens()
         assert preparer.prompt_tokens(prep) == measured
+
+
+class _Outbox:
+    """Stands in for the engine's pipe to the API process: keeps what is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def poll(self, timeout: float = 0) -> bool:
+        return False
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(message)
+
+
+def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
+    """Text held back by the stream interval goes out before a new request is added
+    when adding takes longer than the interval (adding encodes the images), and stays
+    held when adding is quick."""
+    import openvino as ov
+    import openvino_genai as genai
+
+    from utils.engine_worker import CBBackend, WorkerConfig
+
+    outbox = _Outbox()
+    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
+    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
+    backend.stream_interval = 60.0
+    try:
+        backend.add(1, _request(max_new_tokens=3000))
+        for _ in range(6):
+            backend.pipe.step()
+            backend.collect()
+            backend.flush()
+
+        def texts_of_first() -> list[str]:
+            return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
+
+        assert len(texts_of_first()) == 1  # the first piece at once, the rest held
+        assert backend.active[1].choices[0].held
+        backend.add(2, _request(max_new_tokens=4))  # quick to add: nothing released
+        assert len(texts_of_first()) == 1
+        backend.add_seconds = 120.0  # adding now takes longer than the interval
+        backend.add(3, _request(max_new_tokens=4))
+        assert len(texts_of_first()) == 2
+        assert not backend.active[1].choices[0].held
+    finally:
+        for rid in list(backend.active):
+            backend.abort(rid)
+        while backend.pipe.has_non_finished_requests():
+            backend.pipe.step()
+
+
+def _request(max_new_tokens: int) -> GenerationRequest:
+    image = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    return GenerationRequest(
+        request_id="test",
+        messages=[{"role": "user", "content": "<ov_genai_image_0>Describe the picture."}],
+        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True),
+        images=[image],
+    )

@@ -748,13 +748,16 @@ class CBBackend(Backend):
             for value in genai.GenerationFinishReason.__members__.values()
         }
         self._stats = (0, 0, 0.0)
+        self.add_seconds = 0.0  # moving average of add_request's duration
 
     def add(self, rid: int, request: GenerationRequest) -> None:
-        if self.stream_interval:
+        if self.stream_interval and self.add_seconds > self.stream_interval:
             self.release_held()
         try:
             prep = self.preparer.prepare(request)
+            started = time.perf_counter()
             handle = self.pipe.add_request(rid, prep.prompt, prep.images, prep.videos, prep.config)
+            self.add_seconds += 0.2 * (time.perf_counter() - started - self.add_seconds)
         except Exception as exc:
             self.fail(rid, exc)
             return
@@ -763,8 +766,9 @@ class CBBackend(Backend):
 
     def release_held(self) -> None:
         """Sends the text the stream interval holds back. `add_request` encodes the new
-        request's images before it returns, which can take long; no piece of a running
-        answer should wait behind that."""
+        request's images before it returns; when that takes longer than the interval
+        (`add_seconds`, a moving average), no piece of a running answer should wait
+        behind it."""
         now = time.monotonic()
         for active in self.active.values():
             for choice in active.choices:
