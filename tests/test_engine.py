@@ -282,6 +282,28 @@ async def test_llava_continuous_batching(llava_ir: Path) -> None:
         await client.stop()
 
 
+async def test_auto_falls_back_to_vlm_pipeline(qwen2vl_ir: Path, engine: EngineClient) -> None:
+    """A KV cache of one block cannot hold even the warm-up request, so continuous
+    batching cannot run the model: `auto` serves it through VLMPipeline, while a
+    forced continuous_batching engine fails to start."""
+    forced = EngineClient(
+        Settings(model_name="tiny", engine="continuous_batching", kv_cache_blocks=1), qwen2vl_ir
+    )
+    with pytest.raises(RuntimeError):
+        await forced.start()
+    assert not forced.ready
+    client = EngineClient(Settings(model_name="tiny", kv_cache_blocks=1), qwen2vl_ir)
+    await client.start()
+    try:
+        assert client.ready and client.backend == "vlm_pipeline"
+        req = request("Fallback", max_new_tokens=8)
+        served = await collect(client.generate(req))
+        assert served.tokens == {0: 8} and served.finish == {0: "length"}
+        assert served.texts == (await collect(engine.generate(req))).texts
+    finally:
+        await client.stop()
+
+
 async def test_vlm_pipeline_engine(qwen2vl_ir: Path) -> None:
     settings = Settings(model_name="tiny", engine="vlm_pipeline")
     client = EngineClient(settings, qwen2vl_ir)
