@@ -10,10 +10,15 @@ output tokens/s and errors. `--health` also probes `/health` while streams run.
 Raw mode (`--raw MODEL_DIR`) runs the same inputs through OpenVINO GenAI in this
 process: `VLMPipeline` for one stream, `ContinuousBatchingPipeline` for several; with
 `--save` and `--baseline` the two runs give the server's overhead as a ratio.
+`--paired` (with `--url` and `--raw`) alternates rounds of both on the same inputs
+and reports the median of the per-round ratios, which a drifting machine moves far
+less than two separate runs.
 
     python scripts/benchmark.py --url http://127.0.0.1:8000 -c 4 -n 8 --save server.json
     python scripts/benchmark.py --raw models/my-model -c 4 -n 8 --save raw.json
     python scripts/benchmark.py --url http://127.0.0.1:8000 -c 4 -n 8 --baseline raw.json
+    python scripts/benchmark.py --url http://127.0.0.1:8000 --raw models/my-model \
+        --paired --rounds 8 -c 1 -n 1
 """
 
 from __future__ import annotations
