@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         600.0, gt=0.0, description="Longest time one request may wait and run."
     )
     stream_interval_ms: float = Field(
-        0.0,
+        20.0,
         ge=0.0,
         description="Shortest time between two streamed pieces of one answer: tokens "
         "generated faster are sent together (the first one at once); 0 sends every token.",
