@@ -709,13 +709,25 @@ class Backend:
             if finish is None and now - choice.last_sent < self.stream_interval:
                 choice.held += text
                 continue
-            if choice.held:
-                text, choice.held = choice.held + text, ""
-            choice.last_sent = now
             if finish is not None and not prompt_tokens:
                 prompt_tokens = self.preparer.prompt_tokens(active.prep)
-            for index in self._indices(active, choice):
-                self.events.append((active.rid, index, text, choice.tokens, finish, prompt_tokens))
+            self._send_text(active, choice, text, finish, prompt_tokens, now)
+
+    def _send_text(
+        self,
+        active: _Active,
+        choice: ChoiceState,
+        text: str,
+        finish: str | None,
+        prompt_tokens: int,
+        now: float,
+    ) -> None:
+        """Queues a choice's held text plus `text` as its next event (one per copy)."""
+        if choice.held:
+            text, choice.held = choice.held + text, ""
+        choice.last_sent = now
+        for index in self._indices(active, choice):
+            self.events.append((active.rid, index, text, choice.tokens, finish, prompt_tokens))
 
     @staticmethod
     def _indices(active: _Active, choice: ChoiceState) -> range:
@@ -773,19 +785,7 @@ class CBBackend(Backend):
         for active in self.active.values():
             for choice in active.choices:
                 if choice.held and not choice.closed:
-                    text, choice.held = choice.held, ""
-                    choice.last_sent = now
-                    for index in self._indices(active, choice):
-                        self.events.append(
-                            (
-                                active.rid,
-                                index,
-                                text,
-                                choice.tokens,
-                                None,
-                                active.prep.prompt_tokens,
-                            )
-                        )
+                    self._send_text(active, choice, "", None, active.prep.prompt_tokens, now)
         self.flush()
 
     def abort(self, rid: int) -> None:
