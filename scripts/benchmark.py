@@ -394,12 +394,18 @@ class RawRunner:
         samples = self._vlm(count) if self.use_vlm else self._cb(count)
         return samples, time.perf_counter() - started
 
-    def shows_text(self, ids: list[int]) -> bool:
-        """Whether these first tokens decode to text a client would be sent: a server
-        shows nothing for a special token or the first bytes of a multi-byte
-        character, so TTFT on both sides is the time to the first visible text."""
-        text = self.tokenizer.decode(ids)
-        return bool(text) and not text.endswith("\ufffd")
+    def record(self, sample: Sample, first_ids: list[int], ids: list[int], now: float) -> None:
+        """Counts tokens that arrived at `now`. Until the tokens so far decode to text a
+        client would be sent (a server shows nothing for a special token or the first
+        bytes of a multi-byte character), `first_ids` collects them; TTFT on both
+        sides is the time to the first visible text."""
+        sample.token_times.append(now)
+        sample.tokens += len(ids)
+        if sample.first is None:
+            first_ids.extend(ids)
+            text = self.tokenizer.decode(first_ids)
+            if text and not text.endswith("\ufffd"):
+                sample.first = now
 
     def _vlm(self, count: int) -> list[Sample]:
         genai, runner = self.genai, self
@@ -411,14 +417,8 @@ class RawRunner:
                 self.first_ids: list[int] = []
 
             def write(self, token: Any) -> Any:
-                now, sample = time.perf_counter(), self.sample
                 ids = [token] if isinstance(token, int) else list(token)
-                sample.token_times.append(now)
-                sample.tokens += len(ids)
-                if sample.first is None:
-                    self.first_ids.extend(ids)
-                    if runner.shows_text(self.first_ids):
-                        sample.first = now
+                runner.record(self.sample, self.first_ids, ids, time.perf_counter())
                 return genai.StreamingStatus.RUNNING
 
             def end(self) -> None:
@@ -459,12 +459,8 @@ class RawRunner:
                 while handle.can_read():
                     for output in handle.read().values():
                         if output.generated_ids:
-                            sample.token_times.append(now)
-                            sample.tokens += len(output.generated_ids)
-                            if sample.first is None:
-                                first_ids.setdefault(i, []).extend(output.generated_ids)
-                                if self.shows_text(first_ids[i]):
-                                    sample.first = now
+                            ids = list(output.generated_ids)
+                            self.record(sample, first_ids.setdefault(i, []), ids, now)
                 if handle.get_status() != genai.GenerationStatus.RUNNING:
                     sample.end = now
                     done.append(sample)
