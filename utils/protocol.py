@@ -80,6 +80,11 @@ class TextPart(_Model):
     text: str
 
 
+def _url_object(value: Any) -> Any:
+    """`{"url": value}` for a URL sent as a plain string, as some clients do."""
+    return {"url": value} if isinstance(value, str) else value
+
+
 class ImageURL(_Model):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
@@ -92,8 +97,7 @@ class ImageURLPart(_Model):
     @field_validator("image_url", mode="before")
     @classmethod
     def _bare_url(cls, value: Any) -> Any:
-        # Some clients send the URL as a plain string.
-        return {"url": value} if isinstance(value, str) else value
+        return _url_object(value)
 
 
 class _VideoOptions(_Model):
@@ -119,7 +123,7 @@ class VideoURLPart(_VideoOptions):
     @field_validator("video_url", mode="before")
     @classmethod
     def _bare_url(cls, value: Any) -> Any:
-        return {"url": value} if isinstance(value, str) else value
+        return _url_object(value)
 
     @property
     def effective_max_pixels(self) -> int | None:
