@@ -253,14 +253,19 @@ def test_missing_local_directory_is_a_clear_error(tmp_path: Path) -> None:
         ensure_model_dir(str(tmp_path / "nowhere"), INT8, tmp_path)
 
 
-def test_export_script_fails_with_one_readable_message(tmp_path: Path) -> None:
-    env = {
+def _unknown_model_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a process asked for a model that is on no hub it can reach."""
+    return {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf-home"),
         "VLM_MODEL_NAME": "nobody-here/no-such-vlm",
         "VLM_MODEL_CACHE_DIR": str(tmp_path / "models"),
     }
+
+
+def test_export_script_fails_with_one_readable_message(tmp_path: Path) -> None:
+    env = _unknown_model_env(tmp_path)
     done = subprocess.run(
         [sys.executable, "scripts/export_model.py", "--quiet"],
         cwd=REPO,
@@ -303,14 +308,8 @@ def test_default_settings_select_the_embedded_model_with_a_fitting_group_size(
 
 
 def test_server_refuses_to_start_on_a_model_it_cannot_get(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "VLM_MODEL_NAME": "nobody-here/no-such-vlm",
-        "VLM_MODEL_CACHE_DIR": str(tmp_path / "models"),
-        "VLM_PORT": "1",  # never reached: the check comes before the server binds
-    }
+    env = _unknown_model_env(tmp_path)
+    env["VLM_PORT"] = "1"  # never reached: the check comes before the server binds
     done = subprocess.run(
         [sys.executable, "app.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
