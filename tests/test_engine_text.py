@@ -194,6 +194,7 @@ def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
     backend.stream_interval = 60.0
     try:
         backend.add(1, _request(max_new_tokens=3000))
+        backend.admit()
         for _ in range(6):
             backend.pipe.step()
             backend.collect()
@@ -205,11 +206,59 @@ def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
         assert len(texts_of_first()) == 1  # the first piece at once, the rest held
         assert backend.active[1].choices[0].held
         backend.add(2, _request(max_new_tokens=4))  # quick to add: nothing released
+        backend.admit()
         assert len(texts_of_first()) == 1
         backend.add_seconds = 120.0  # adding now takes longer than the interval
         backend.add(3, _request(max_new_tokens=4))
+        backend.admit()
         assert len(texts_of_first()) == 2
         assert not backend.active[1].choices[0].held
+    finally:
+        for rid in list(backend.active):
+            backend.abort(rid)
+        while backend.pipe.has_non_finished_requests():
+            backend.pipe.step()
+
+
+def test_admission_adds_one_slow_request_per_step(
+    qwen2vl_ir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two steps the engine adds waiting requests only for ADMIT_BUDGET_S (at
+    least one), so a burst of image requests starts one by one; a waiting request
+    can be aborted before it is added and counts as waiting in the stats."""
+    import openvino as ov
+    import openvino_genai as genai
+
+    from utils import engine_worker
+    from utils.engine_worker import CBBackend, WorkerConfig
+
+    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
+    backend = CBBackend(_Outbox(), ov, genai, cfg)  # type: ignore[arg-type]
+    try:
+        monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 0.0)  # every add is "slow"
+        for rid in (1, 2, 3):
+            backend.add(rid, _request(max_new_tokens=4))
+        assert backend.stats()[1] == 3 and not backend.active
+        backend.admit()
+        assert list(backend.active) == [1]
+        assert [rid for rid, _ in backend.pending] == [2, 3]
+        backend.abort(2)  # leaves before it was ever added
+        backend.pipe.step()
+        backend.collect()
+        assert any(e[0] == 1 and e[3] for e in backend.events)  # 1 streams; 3 waits
+        backend.admit()
+        assert list(backend.active) == [1, 3] and not backend.pending
+
+        monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 60.0)
+        for rid in (4, 5, 6):
+            backend.add(rid, _request(max_new_tokens=4))
+        backend.admit()  # within the budget: all together
+        assert list(backend.active) == [1, 3, 4, 5, 6] and not backend.pending
+        while backend.active:
+            backend.pipe.step()
+            backend.collect()
+        finals = {e[0] for e in backend.events if e[4] is not None}
+        assert finals == {1, 3, 4, 5, 6}
     finally:
         for rid in list(backend.active):
             backend.abort(rid)

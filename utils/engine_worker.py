@@ -56,6 +56,8 @@ VIDEO_MODEL_TYPES = frozenset(
 TAG_RE = re.compile(r"<ov_genai_(image|video)_(\d+)>")
 REPLACEMENT_CHAR = "\ufffd"
 STOP_MATCHED = "stop-string"  # a choice's finish once a stop string cut its text
+# Time the engine spends adding waiting requests between two steps (see CBBackend.admit)
+ADMIT_BUDGET_S = 0.05
 
 Event = tuple[int, int, str, int, str | None, int]
 ErrorItem = tuple[int, int, str, str | None]
@@ -761,8 +763,25 @@ class CBBackend(Backend):
         }
         self._stats = (0, 0, 0.0)
         self.add_seconds = 0.0  # moving average of add_request's duration
+        self.pending: deque[tuple[int, GenerationRequest]] = deque()  # not added yet
 
     def add(self, rid: int, request: GenerationRequest) -> None:
+        self.pending.append((rid, request))
+
+    def admit(self) -> None:
+        """Adds waiting requests to the pipeline, until ADMIT_BUDGET_S has passed (at
+        least one). `add_request` encodes the request's images before it returns
+        (about a second per image for a 2B model on a CPU) and nothing steps
+        meanwhile; so a burst of image requests is added one per step, each one
+        streaming as soon as it is in, and running answers never wait for more than
+        one add. Text-only requests are quick to add and go in together."""
+        deadline = time.perf_counter() + ADMIT_BUDGET_S
+        while self.pending:
+            self._start(*self.pending.popleft())
+            if time.perf_counter() >= deadline:
+                break
+
+    def _start(self, rid: int, request: GenerationRequest) -> None:
         if self.stream_interval and self.add_seconds > self.stream_interval:
             self.release_held()
         try:
@@ -792,18 +811,23 @@ class CBBackend(Backend):
         active = self.active.pop(rid, None)
         if active is not None:
             active.handle.cancel()
+        elif self.pending:
+            self.pending = deque(item for item in self.pending if item[0] != rid)
 
     def stats(self) -> Stats:
-        return (*self._stats, self.step_seconds, self.overhead_seconds)
+        running, waiting, usage = self._stats
+        waiting += len(self.pending)
+        return (running, waiting, usage, self.step_seconds, self.overhead_seconds)
 
     def run(self) -> None:
         clock = time.perf_counter
         while not self.stopping:
-            busy = bool(self.active) or self.pipe.has_non_finished_requests()
+            busy = bool(self.active or self.pending) or self.pipe.has_non_finished_requests()
             started = clock()
             self.drain(0 if busy else 0.2)
             if self.stopping:
                 break
+            self.admit()
             if self.active or self.pipe.has_non_finished_requests():
                 before_step = clock()
                 try:
@@ -1024,6 +1048,8 @@ def _warm_up(backend: Backend) -> None:
         images=[image],
     )
     backend.add(0, request)
+    if isinstance(backend, CBBackend):
+        backend.admit()
     if backend.errors:
         raise RuntimeError(f"warm-up failed: {backend.errors[0][2]}")
     backend.events.clear()
