@@ -350,6 +350,5 @@ async def test_stream_interval_groups_fast_tokens(qwen2vl_ir: Path, engine: Engi
         assert grouped.tokens == single.tokens == {0: 24}
         # the first piece at once, the rest together with the finish
         assert len([e for e in grouped.events if e.text]) <= 2 < len(single.events)
-
     finally:
         await client.stop()

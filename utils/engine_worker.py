@@ -659,6 +659,9 @@ class Backend:
     def add(self, rid: int, request: GenerationRequest) -> None:
         raise NotImplementedError
 
+    def admit(self) -> None:
+        """Moves waiting requests into the pipeline (continuous batching only)."""
+
     def abort(self, rid: int) -> None:
         raise NotImplementedError
 
@@ -1048,8 +1051,7 @@ def _warm_up(backend: Backend) -> None:
         images=[image],
     )
     backend.add(0, request)
-    if isinstance(backend, CBBackend):
-        backend.admit()
+    backend.admit()
     if backend.errors:
         raise RuntimeError(f"warm-up failed: {backend.errors[0][2]}")
     backend.events.clear()
