@@ -314,6 +314,13 @@ def test_parse_device_keeps_exclusions() -> None:
 # --- VLM_OV_CONFIG and engine properties -----------------------------------
 
 
+@pytest.fixture
+def no_env_ov_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite sets VLM_OV_CONFIG (tests/conftest.py); Settings merges it into
+    `ov_config`, and these tests look at `ov_config` alone."""
+    monkeypatch.delenv("VLM_OV_CONFIG", raising=False)
+
+
 @pytest.mark.parametrize(
     ("config", "words"),
     [
@@ -338,11 +345,13 @@ def test_unknown_ov_property_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert "GPU_QUEUE_PRIORITY" not in caplog.text
 
 
+@pytest.mark.usefixtures("no_env_ov_config")
 def test_engine_properties_on_cpu_pass_ov_config_through(tmp_path: Path) -> None:
     settings = Settings(device="CPU", model_cache_dir=tmp_path, ov_config={"NUM_STREAMS": 1})
     assert engine_properties(settings) == {"NUM_STREAMS": 1}
 
 
+@pytest.mark.usefixtures("no_env_ov_config")
 def test_engine_properties_on_gpu_add_a_compiled_cache(tmp_path: Path) -> None:
     settings = Settings(device="GPU.1", model_cache_dir=tmp_path, ov_config={"NUM_STREAMS": 1})
     properties = engine_properties(settings)
