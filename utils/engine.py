@@ -6,9 +6,9 @@ pipeline holds the GIL while it steps) and talks to it over one duplex
 
 - a writer thread sends requests and aborts (pickling images off the event loop,
   and never blocking it while the worker is busy inside a step);
-- a reader thread receives one message per scheduler step holding the outputs of
-  every running request, and hands it to the event loop with a single
-  `call_soon_threadsafe`, which fans the events out to per-request asyncio queues.
+- the event loop reads the pipe itself (`add_reader`): one message per scheduler
+  step holds the outputs of every running request, fanned out to per-request
+  asyncio queues with no thread hop in between.
 
 If the worker dies, every request in flight gets an `OpenAIError(500)` at once,
 `ready` turns False and the worker is restarted (with backoff) by itself.
@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -79,7 +80,7 @@ class _Request:
 
 
 class _Session:
-    """One incarnation of the worker process, its pipe and its two threads."""
+    """One incarnation of the worker process, its pipe and the thread that writes to it."""
 
     def __init__(self, client: EngineClient, process: Any, conn: Any) -> None:
         self.client = client
@@ -87,12 +88,17 @@ class _Session:
         self.conn = conn
         self.outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self.alive = True
+        self.reading = False
+        self.exit_reason = "the engine process exited"
         self.ready: asyncio.Future[dict] = client._loop.create_future()
-        self.reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
         self.writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
 
     def start(self) -> None:
-        self.reader.start()
+        self.client._loop.add_reader(self.conn.fileno(), self._read)
+        # uvloop makes a polled descriptor non-blocking; the pipe's messages must be
+        # read and written whole (a partial write would cut the stream).
+        os.set_blocking(self.conn.fileno(), True)
+        self.reading = True
         self.writer.start()
 
     def send(self, message: tuple) -> None:
@@ -110,25 +116,24 @@ class _Session:
                 return
 
     def _read(self) -> None:
-        loop = self.client._loop
-        reason = "the engine process exited"
-        while True:
-            try:
+        """Runs on the event loop whenever the pipe is readable. The worker writes each
+        message in one go from its main thread, so `recv` never waits long on a
+        message that is only partly written."""
+        try:
+            while self.conn.poll():
                 message = self.conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception as exc:  # a message that does not unpickle
-                reason = f"bad message from the engine: {exc}"
-                break
-            kind = message[0]
-            if kind == "step":
-                loop.call_soon_threadsafe(self.client._dispatch, self, message)
-            elif kind == "ready":
-                loop.call_soon_threadsafe(self._resolve, message[1], None)
-            elif kind == "fatal":
-                reason = message[1]
-                loop.call_soon_threadsafe(self._resolve, None, reason)
-        loop.call_soon_threadsafe(self.client._on_exit, self, reason)
+                kind = message[0]
+                if kind == "step":
+                    self.client._dispatch(self, message)
+                elif kind == "ready":
+                    self._resolve(message[1], None)
+                elif kind == "fatal":
+                    self.exit_reason = message[1]
+                    self._resolve(None, self.exit_reason)
+        except (EOFError, OSError):
+            self.client._on_exit(self, self.exit_reason)
+        except Exception as exc:  # a message that does not unpickle
+            self.client._on_exit(self, f"bad message from the engine: {exc}")
 
     def _resolve(self, info: dict | None, error: str | None) -> None:
         if self.ready.done():
@@ -139,7 +144,11 @@ class _Session:
             self.ready.set_exception(RuntimeError(error))
 
     def close(self) -> None:
+        """Stops reading and writing; on the event loop only."""
         self.alive = False
+        if self.reading:
+            self.reading = False
+            self.client._loop.remove_reader(self.conn.fileno())
         self.outbox.put(None)
         with contextlib.suppress(OSError):
             self.conn.close()
@@ -229,6 +238,7 @@ class EngineClient:
         if session is not None:
             session.send(("stop",))
             await asyncio.to_thread(self._reap, session)
+            session.close()
 
     @staticmethod
     def _reap(session: _Session) -> None:
@@ -239,7 +249,6 @@ class EngineClient:
         if session.process.is_alive():
             session.process.kill()
             session.process.join(5)
-        session.close()
 
     async def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
