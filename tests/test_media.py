@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.server import IMAGE_FORMATS, make_image, make_image_array, make_video
+from utils import media
 from utils.errors import OpenAIError
 from utils.media import (
     MediaDecodeError,
@@ -168,13 +170,30 @@ def test_stack_frames_resizes_to_the_first_frame() -> None:
     assert np.array_equal(video[0], frames[0])
 
 
-async def test_loaders_run_off_the_event_loop() -> None:
-    image = await load_image(make_image("webp"), max_pixels=BIG, max_decoded_pixels=BIG)
+async def test_loaders_decode_off_the_event_loop_unless_the_image_is_small(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threaded: list[str] = []
+
+    async def to_thread(func, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        threaded.append(func.__name__)
+        return await original(func, *args, **kwargs)
+
+    original = asyncio.to_thread
+    monkeypatch.setattr(media.asyncio, "to_thread", to_thread)
+    small = await load_image(make_image("webp"), max_pixels=BIG, max_decoded_pixels=BIG)
+    assert small.shape == (48, 64, 3)
+    assert threaded == []  # 64x48: decoded on the loop
+    side = 225  # just over INLINE_DECODE_PIXELS
+    large = await load_image(make_image("png", side, side), max_pixels=BIG, max_decoded_pixels=BIG)
+    assert large.shape == (side, side, 3)
+    with pytest.raises(MediaDecodeError):  # no header to size: the thread reports why
+        await load_image(b"not an image", max_pixels=BIG, max_decoded_pixels=BIG)
     video = await load_video(
         make_video(), fps=1.0, max_frames=8, max_pixels=BIG, max_decoded_pixels=BIG
     )
-    assert image.shape == (48, 64, 3)
     assert video.shape == (2, 48, 64, 3)
+    assert threaded == ["decode_image", "decode_image", "decode_video"]
 
 
 def test_downscaling_keeps_within_the_aspect_ratio_limit() -> None:
