@@ -119,21 +119,23 @@ class _Session:
         """Runs on the event loop whenever the pipe is readable. The worker writes each
         message in one go from its main thread, so `recv` never waits long on a
         message that is only partly written."""
-        try:
-            while self.conn.poll():
+        while self.alive and self.conn.poll():
+            try:
                 message = self.conn.recv()
-                kind = message[0]
-                if kind == "step":
-                    self.client._dispatch(self, message)
-                elif kind == "ready":
-                    self._resolve(message[1], None)
-                elif kind == "fatal":
-                    self.exit_reason = message[1]
-                    self._resolve(None, self.exit_reason)
-        except (EOFError, OSError):
-            self.client._on_exit(self, self.exit_reason)
-        except Exception as exc:  # a message that does not unpickle
-            self.client._on_exit(self, f"bad message from the engine: {exc}")
+            except (EOFError, OSError):
+                self.client._on_exit(self, self.exit_reason)
+                return
+            except Exception as exc:  # a message that does not unpickle
+                self.client._on_exit(self, f"bad message from the engine: {exc}")
+                return
+            kind = message[0]
+            if kind == "step":
+                self.client._dispatch(self, message)
+            elif kind == "ready":
+                self._resolve(message[1], None)
+            elif kind == "fatal":
+                self.exit_reason = message[1]
+                self._resolve(None, self.exit_reason)
 
     def _resolve(self, info: dict | None, error: str | None) -> None:
         if self.ready.done():
