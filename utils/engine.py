@@ -88,7 +88,6 @@ class _Session:
         self.conn = conn
         self.outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self.alive = True
-        self.reading = False
         self.exit_reason = "the engine process exited"
         self.ready: asyncio.Future[dict] = client._loop.create_future()
         self.writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
@@ -98,7 +97,6 @@ class _Session:
         # uvloop makes a polled descriptor non-blocking; the pipe's messages must be
         # read and written whole (a partial write would cut the stream).
         os.set_blocking(self.conn.fileno(), True)
-        self.reading = True
         self.writer.start()
 
     def send(self, message: tuple) -> None:
@@ -147,10 +145,10 @@ class _Session:
 
     def close(self) -> None:
         """Stops reading and writing; on the event loop only."""
+        if not self.alive:
+            return
         self.alive = False
-        if self.reading:
-            self.reading = False
-            self.client._loop.remove_reader(self.conn.fileno())
+        self.client._loop.remove_reader(self.conn.fileno())
         self.outbox.put(None)
         with contextlib.suppress(OSError):
             self.conn.close()
