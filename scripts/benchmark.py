@@ -142,7 +142,8 @@ def print_summary(result: dict[str, Any]) -> None:
 
 class _SSEClient:
     """A minimal HTTP/1.1 client for streaming responses, cheap enough per chunk that
-    the benchmark does not steal much CPU from the server on the same machine."""
+    the benchmark does not steal much CPU from the server on the same machine. Like
+    the `openai` client, it keeps connections open and reuses them."""
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parsed = urlsplit(url)
@@ -151,59 +152,77 @@ class _SSEClient:
         self.ssl = parsed.scheme == "https"
         self.path = parsed.path or "/"
         self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def stream(self, body: dict[str, Any]) -> Sample:
         sample = Sample(start=time.perf_counter())
-        writer = None
+        connection = None
         try:
-            reader, writer = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
-            payload = json.dumps(body).encode()
-            head = (
-                f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
-                f"Accept: text/event-stream\r\nConnection: close\r\n{self.headers}\r\n"
-            )
-            writer.write(head.encode() + payload)
-            await writer.drain()
-            status = int((await reader.readline()).split()[1])
-            chunked, length = False, None
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode("latin-1").partition(":")
-                if name.lower() == "transfer-encoding" and "chunked" in value.lower():
-                    chunked = True
-                elif name.lower() == "content-length":
-                    length = int(value)
-            if status != 200:
-                data = await (reader.readexactly(length) if length else reader.read())
-                sample.error = f"HTTP {status}: {data[:200].decode(errors='replace')}"
-                return sample
-            buffer = b""
-            while True:
-                if chunked:
-                    size = int((await reader.readline()).split(b";")[0], 16)
-                    if size == 0:
-                        break
-                    data = await reader.readexactly(size + 2)
-                    buffer += data[:-2]
-                else:
-                    data = await reader.read(65536)
-                    if not data:
-                        break
-                    buffer += data
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    if self._event(sample, event):
-                        sample.end = time.perf_counter()
-                        return sample
-            sample.end = time.perf_counter()
+            if self.idle:
+                connection = self.idle.pop()
+            else:
+                connection = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+            if await self._exchange(sample, *connection, body):
+                self.idle.append(connection)
+                connection = None
         except Exception as exc:
             sample.error = f"{type(exc).__name__}: {exc}"
         finally:
-            if writer is not None:
-                writer.close()
+            if connection is not None:
+                connection[1].close()
+        if sample.end is None:
+            sample.end = time.perf_counter()
         if sample.error is None and not sample.tokens:
             sample.tokens = len(sample.token_times)
         return sample
+
+    async def _exchange(
+        self,
+        sample: Sample,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+    ) -> bool:
+        """Sends one request and reads its whole response; True if the connection can
+        be used again."""
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+            f"Accept: text/event-stream\r\n{self.headers}\r\n"
+        )
+        writer.write(head.encode() + payload)
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        chunked, length, reuse = False, None, True
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.lower(), value.strip().lower()
+            if name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "content-length":
+                length = int(value)
+            elif name == "connection" and value == "close":
+                reuse = False
+        if status != 200:
+            data = await (reader.readexactly(length) if length is not None else reader.read())
+            sample.error = f"HTTP {status}: {data[:200].decode(errors='replace')}"
+            return reuse and length is not None
+        if not chunked:  # a stream without chunks ends when the connection does
+            data = await reader.read()
+            for event in data.split(b"\n\n"):
+                self._event(sample, event)
+            return False
+        buffer, done = b"", False
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            buffer += (await reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if not done and self._event(sample, event):
+                    sample.end = time.perf_counter()
+                    done = True
+        await reader.readexactly(2)  # the blank line after the last chunk
+        return reuse
 
     @staticmethod
     def _event(sample: Sample, event: bytes) -> bool:
@@ -247,9 +266,8 @@ class ServerRunner:
         self.args = args
         self.base = args.url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        self.urls = [
-            image_data_url(make_image(args.image_size, seed=i)) for i in range(args.images)
-        ]
+        sizes = range(args.images) if args.image_size > 0 else []
+        self.urls = [image_data_url(make_image(args.image_size, seed=i)) for i in sizes]
         self.sse = _SSEClient(f"{self.base}/v1/chat/completions", self.headers)
         self.model = args.model
         self.label = f"server {self.base} c={args.concurrency}"
@@ -348,8 +366,8 @@ class RawRunner:
         settings = Settings()
         properties = engine_properties(settings)  # VLM_OV_CONFIG, as the server passes it
         model_dir = str(args.raw)
-        images = [make_image(args.image_size, seed=i) for i in range(args.images)]
-        self.tensors = [ov.Tensor(image) for image in images] if args.image_size > 0 else []
+        sizes = range(args.images) if args.image_size > 0 else []
+        self.tensors = [ov.Tensor(make_image(args.image_size, seed=i)) for i in sizes]
         tag = "<ov_genai_image_0>" if self.tensors else ""
         self.use_vlm = args.raw_pipeline == "vlm" or (
             args.raw_pipeline == "auto" and args.concurrency == 1
