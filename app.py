@@ -21,6 +21,7 @@ from utils.engine import EngineClient
 from utils.errors import install_error_handlers
 from utils.export import ModelExportError, ensure_model, preflight
 from utils.fetch import MediaFetcher
+from utils.media import DecodedImageCache
 from utils.observability import install_observability
 from utils.security import install_log_filter, install_security
 from utils.settings import Settings, SettingsLoadError, load_settings
@@ -34,6 +35,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.fetcher = MediaFetcher(settings)
+        app.state.image_cache = (
+            DecodedImageCache(settings.image_cache_mb * 2**20) if settings.image_cache_mb else None
+        )
         app.state.engine = None
 
         async def load() -> None:

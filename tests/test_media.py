@@ -13,6 +13,7 @@ from tests.fixtures.server import IMAGE_FORMATS, make_image, make_image_array, m
 from utils import media
 from utils.errors import OpenAIError
 from utils.media import (
+    DecodedImageCache,
     MediaDecodeError,
     decode_image,
     decode_video,
@@ -193,7 +194,47 @@ async def test_loaders_decode_off_the_event_loop_unless_the_image_is_small(
         make_video(), fps=1.0, max_frames=8, max_pixels=BIG, max_decoded_pixels=BIG
     )
     assert video.shape == (2, 48, 64, 3)
-    assert threaded == ["decode_image", "decode_image", "decode_video"]
+    assert threaded == ["_decode_cached", "_decode_cached", "decode_video"]
+
+
+async def test_a_cached_image_is_decoded_once_per_pixel_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[int] = []
+
+    def counting_decode(data: bytes, *, max_pixels: int, max_decoded_pixels: int) -> np.ndarray:
+        decoded.append(max_pixels)
+        return decode_image(data, max_pixels=max_pixels, max_decoded_pixels=max_decoded_pixels)
+
+    monkeypatch.setattr(media, "decode_image", counting_decode)
+    cache = DecodedImageCache(max_bytes=2**20)
+    for width, height in ((64, 48), (300, 300)):  # decoded inline, in a thread
+        data = make_image("png", width, height)
+        first = await load_image(data, max_pixels=BIG, max_decoded_pixels=BIG, cache=cache)
+        again = await load_image(data, max_pixels=BIG, max_decoded_pixels=BIG, cache=cache)
+        assert again is first and not first.flags.writeable  # shared, so read-only
+        smaller = await load_image(data, max_pixels=32 * 24, max_decoded_pixels=BIG, cache=cache)
+        assert smaller.shape[1::-1] == fit_size(width, height, 32 * 24)
+    assert decoded == [BIG, 32 * 24, BIG, 32 * 24]
+    assert (cache.hits, cache.misses, len(cache)) == (2, 4, 4)
+    with pytest.raises(MediaDecodeError):  # a failure is not remembered
+        await load_image(b"not an image", max_pixels=BIG, max_decoded_pixels=BIG, cache=cache)
+    assert len(cache) == 4
+
+
+def test_the_image_cache_drops_the_least_recently_used_beyond_its_size() -> None:
+    cache = DecodedImageCache(max_bytes=3 * 100)
+    images = {name: np.full((10, 10, 1), i, dtype=np.uint8) for i, name in enumerate("abcd")}
+    keys = {name: cache.key(name.encode(), 1) for name in images}
+    for name in "abc":
+        cache.put(keys[name], images[name])
+    assert cache.get(keys["a"]) is images["a"]  # now b is the least recently used
+    cache.put(keys["d"], images["d"])
+    assert [cache.get(keys[name]) is not None for name in "abcd"] == [True, False, True, True]
+    assert cache.bytes == 300
+    cache.put(cache.key(b"huge", 1), np.zeros((20, 20, 1), dtype=np.uint8))  # over the limit
+    assert len(cache) == 3 and cache.bytes == 300
+    assert cache.key(b"a", 1) != cache.key(b"a", 2) != cache.key(b"b", 2)
 
 
 def test_downscaling_keeps_within_the_aspect_ratio_limit() -> None:

@@ -229,6 +229,10 @@ async def test_metrics_move_as_requests_are_served(live_server: Callable[..., st
     assert delta("vlm_time_to_first_token_seconds_count") == 2
     assert delta("vlm_time_per_output_token_seconds_count") == 2
     assert delta("vlm_media_items_total", kind="image") == 2
+    # the same image twice: the second one at least comes from the cache
+    assert delta("vlm_image_cache_hits_total") + delta("vlm_image_cache_misses_total") == 2
+    assert delta("vlm_image_cache_hits_total") >= 1
+    assert _value(after, "vlm_image_cache_bytes") >= 64 * 48 * 3
     assert delta("vlm_generations_served_total") == 2
     assert delta("vlm_engine_pipeline_seconds_total") > 0  # two generations ran steps
     assert delta("vlm_engine_loop_overhead_seconds_total") > 0

@@ -28,7 +28,13 @@ from starlette.requests import ClientDisconnect
 
 from utils.errors import OpenAIError, bad_request
 from utils.generation import Engine, GenerationEvent, GenerationRequest, ModelInfo, SamplingParams
-from utils.media import MediaDecodeError, load_image, load_video, stack_frames
+from utils.media import (
+    DecodedImageCache,
+    MediaDecodeError,
+    load_image,
+    load_video,
+    stack_frames,
+)
 from utils.observability import track_generation
 from utils.protocol import (
     ChatCompletion,
@@ -232,9 +238,12 @@ async def _gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
 class _MediaLoader:
     """Fetches and decodes the media parts of one request."""
 
-    def __init__(self, settings: Settings, fetcher: Any) -> None:
+    def __init__(
+        self, settings: Settings, fetcher: Any, image_cache: DecodedImageCache | None
+    ) -> None:
         self.settings = settings
         self.fetcher = fetcher
+        self.image_cache = image_cache
         new_budget = getattr(fetcher, "new_budget", None)
         self.budget = new_budget() if new_budget is not None else None
 
@@ -270,6 +279,7 @@ class _MediaLoader:
                 data,
                 max_pixels=max_pixels or self.settings.image_max_pixels,
                 max_decoded_pixels=self.settings.max_decoded_pixels,
+                cache=self.image_cache,
             ),
         )
 
@@ -330,11 +340,12 @@ async def build_generation_request(
     fetcher: Any,
     info: ModelInfo,
     request_id: str,
+    image_cache: DecodedImageCache | None = None,
 ) -> GenerationRequest:
     """The whole conversation with `<ov_genai_image_N>`/`<ov_genai_video_N>` tags
     where its media were, and the decoded media in the same order."""
     _check_content(req.messages, settings)
-    loader = _MediaLoader(settings, fetcher)
+    loader = _MediaLoader(settings, fetcher, image_cache)
     jobs: list[Coroutine[Any, Any, _Decoded]] = []
     for i, message in enumerate(req.messages):
         if isinstance(message.content, list):
@@ -703,6 +714,7 @@ async def create_chat_completion(request: Request) -> Response:
             fetcher=request.app.state.fetcher,
             info=engine.info,
             request_id=completion_id,
+            image_cache=request.app.state.image_cache,
         )
         events = aiter(track_generation(request, engine.generate(generation), generation))
         try:

@@ -44,7 +44,8 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 
 
 class _EngineCollector:
-    """Gauges read from `engine.stats()` when Prometheus scrapes."""
+    """Metrics read from `engine.stats()` and the decoded-image cache when Prometheus
+    scrapes."""
 
     def __init__(self, app: FastAPI, metrics: Metrics) -> None:
         self._app = app
@@ -86,9 +87,22 @@ class _EngineCollector:
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(stats.get(key, 0) or 0))
             yield counter
+        yield from _image_cache_metrics(getattr(self._app.state, "image_cache", None))
         uptime = GaugeMetricFamily("vlm_uptime_seconds", "Seconds since the server started.")
         uptime.add_metric([], self._metrics.uptime_s)
         yield uptime
+
+
+def _image_cache_metrics(cache: Any) -> Iterator[Metric]:
+    hits = CounterMetricFamily("vlm_image_cache_hits", "Images taken from the decoded-image cache.")
+    hits.add_metric([], float(cache.hits if cache else 0))
+    misses = CounterMetricFamily(
+        "vlm_image_cache_misses", "Images decoded because the decoded-image cache lacked them."
+    )
+    misses.add_metric([], float(cache.misses if cache else 0))
+    size = GaugeMetricFamily("vlm_image_cache_bytes", "Memory held by the decoded-image cache.")
+    size.add_metric([], float(cache.bytes if cache else 0))
+    return iter((hits, misses, size))
 
 
 class Metrics:

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
     max_videos_per_request: int = Field(2, ge=0, description="Videos allowed in one request.")
     max_video_frames: int = Field(32, ge=1, description="Frames sampled from one video at most.")
     video_fps: float = Field(1.0, gt=0.0, description="Default frame sampling rate of video_url.")
+    image_cache_mb: int = Field(
+        256,
+        ge=0,
+        description="Memory for decoded images kept for reuse, by a hash of their bytes "
+        "(a conversation sends its images again every turn); 0 turns the cache off.",
+    )
     image_max_pixels: int = Field(
         1024 * 1024, ge=28 * 28, description="Images are downscaled to fit this many pixels."
     )
