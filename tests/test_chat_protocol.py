@@ -3,6 +3,7 @@ without a server (media come as data URLs through the real fetcher)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,7 +12,12 @@ import numpy as np
 import pytest
 
 from tests.fixtures.server import data_url, make_image, make_video
-from utils.chat import build_generation_request, resolve_model, to_sampling_params
+from utils.chat import (
+    _unless_disconnected,
+    build_generation_request,
+    resolve_model,
+    to_sampling_params,
+)
 from utils.errors import OpenAIError
 from utils.fetch import MediaFetcher
 from utils.generation import ModelInfo
@@ -404,3 +410,54 @@ def test_valid_json_schemas_pass(schema: dict[str, Any]) -> None:
         response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
     )
     assert parse_request(payload).json_schema_text == json.dumps(schema)
+
+
+class _Connection:
+    """Stands in for a Starlette request: `receive` reports a disconnect once told to."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, str]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def test_work_runs_in_the_calling_task_until_the_client_goes_away() -> None:
+    connection = _Connection()
+    runs_in: list[asyncio.Task | None] = []
+
+    async def quick() -> str:
+        runs_in.append(asyncio.current_task())
+        return "done"
+
+    assert await _unless_disconnected(connection, quick()) == "done"  # type: ignore[arg-type]
+    assert runs_in == [asyncio.current_task()]
+    connection.gone.set()  # a disconnect after the work ended cancels nothing
+    await asyncio.sleep(0.01)
+
+    cleaned_up = asyncio.Event()
+
+    async def endless() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned_up.set()
+
+    connection = _Connection()
+    asyncio.get_running_loop().call_later(0.01, connection.gone.set)
+    with pytest.raises(OpenAIError) as caught:
+        await _unless_disconnected(connection, endless())  # type: ignore[arg-type]
+    assert caught.value.status == 499 and cleaned_up.is_set()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_cancellation_from_elsewhere_is_not_reported_as_a_disconnect() -> None:
+    async def handler() -> None:
+        await _unless_disconnected(_Connection(), asyncio.sleep(3600))  # type: ignore[arg-type]
+
+    task = asyncio.create_task(handler())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task

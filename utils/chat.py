@@ -226,6 +226,8 @@ def _video_max_pixels(requested: int | None, settings: Settings) -> int:
 
 async def _gather_or_cancel(coros: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
     """Run concurrently; on the first failure cancel the rest and re-raise it."""
+    if len(coros) == 1:  # nothing to run alongside: no task to wait for its turn
+        return [await coros[0]]
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return list(await asyncio.gather(*tasks))
@@ -412,20 +414,32 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it when the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            return task.result()
-        raise OpenAIError(499, "The client closed the connection.", code="client_disconnected")
-    finally:
-        watcher.cancel()
-        if not task.done():
+    """Await `work`, cancelling it when the client goes away first. `work` runs in
+    this task: handing it to a task of its own would make it wait for its turn on a
+    busy event loop."""
+    task = asyncio.current_task()
+    assert task is not None
+    watching, gone = True, False
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if watching and not watcher.cancelled() and watcher.exception() is None:
+            gone = True
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise OpenAIError(
+                499, "The client closed the connection.", code="client_disconnected"
+            ) from None
+        raise
+    finally:
+        watching = False
+        watcher.cancel()
 
 
 @dataclass(slots=True)
