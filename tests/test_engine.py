@@ -352,3 +352,51 @@ async def test_stream_interval_groups_fast_tokens(qwen2vl_ir: Path, engine: Engi
         assert len([e for e in grouped.events if e.text]) <= 2 < len(single.events)
     finally:
         await client.stop()
+
+
+async def test_messages_reach_the_worker_whole_and_in_order_when_the_pipe_fills() -> None:
+    """Small messages go straight from the event loop; a large one, and all behind a
+    write the full pipe cut short, go through the writer thread, keeping the order."""
+    import multiprocessing
+    import types
+
+    from utils.engine import DIRECT_SEND_BYTES, _Session
+
+    parent, child = multiprocessing.Pipe(duplex=True)
+    client = types.SimpleNamespace(_loop=asyncio.get_running_loop())
+    session = _Session(client, process=None, conn=parent)  # type: ignore[arg-type]
+    session.writer.start()
+    medium = np.full((DIRECT_SEND_BYTES // 3 - 64, 3), 1, dtype=np.uint8)
+    large = np.full((DIRECT_SEND_BYTES, 3), 2, dtype=np.uint8)
+    sizes = ["small", "medium", "medium", "medium", "large", "small", "medium", "small"] * 3
+    sent = []
+    try:
+        for i, size in enumerate(sizes):
+            images = {"small": [], "medium": [medium], "large": [large]}[size]
+            session.send(("add", i, request(images=images)))  # nobody reads: the pipe fills
+            sent.append((i, size))
+        assert session.queued > 0  # some had to wait for the writer thread
+        received = []
+        for _ in sizes:
+            assert await asyncio.to_thread(child.poll, 10)
+            kind, i, got = child.recv()
+            assert kind == "add"
+            size = "small"
+            if got.images:
+                size = "large" if got.images[0].shape == large.shape else "medium"
+                assert np.array_equal(got.images[0], {"medium": medium, "large": large}[size])
+            received.append((i, size))
+        assert received == sent
+        for _ in range(100):  # the writer thread catches up
+            if not session.queued:
+                break
+            await asyncio.sleep(0.01)
+        assert session.queued == 0
+        session.send(("abort", 99))  # and the next small one is written directly
+        assert child.recv() == ("abort", 99)
+    finally:
+        session.alive = False
+        session.outbox.put(None)
+        parent.close()
+        session.sock.close()
+        child.close()

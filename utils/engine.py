@@ -4,8 +4,10 @@
 pipeline holds the GIL while it steps) and talks to it over one duplex
 `multiprocessing` pipe:
 
-- a writer thread sends requests and aborts (pickling images off the event loop,
-  and never blocking it while the worker is busy inside a step);
+- requests and aborts are written from the event loop when the pipe takes them
+  whole at once; large ones (images and videos over 1 MiB), and whatever a full pipe
+  holds back, go through a writer thread that pickles and waits for the pipe off the
+  event loop;
 - the event loop reads the pipe itself (`add_reader`): one message per scheduler
   step holds the outputs of every running request, fanned out to per-request
   asyncio queues with no thread hop in between.
@@ -23,10 +25,13 @@ import logging
 import multiprocessing
 import os
 import queue
+import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +44,19 @@ from utils.settings import Settings
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
+# Messages up to this size are pickled and sent from the event loop (a request with
+# a few images); larger ones are pickled and sent by the writer thread.
+DIRECT_SEND_BYTES = 1 << 20
 STOP_TIMEOUT_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
+
+
+def _payload_bytes(message: tuple) -> int:
+    """Bytes of the images and videos in a message (nothing else in one is large)."""
+    if message[0] != "add":
+        return 0
+    request: GenerationRequest = message[2]
+    return sum(a.nbytes for a in request.images) + sum(a.nbytes for a in request.videos)
 
 
 def model_info(settings: Settings, model_dir: Path) -> ModelInfo:
@@ -86,7 +102,11 @@ class _Session:
         self.client = client
         self.process = process
         self.conn = conn
-        self.outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        # The same socket, for sends that must not block (the pipe is a socket pair).
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self.outbox: queue.SimpleQueue[tuple | bytes | None] = queue.SimpleQueue()
+        self.queued = 0  # messages handed to the writer thread and not written yet
+        self.lock = threading.Lock()
         self.alive = True
         self.exit_reason = "the engine process exited"
         self.ready: asyncio.Future[dict] = client._loop.create_future()
@@ -100,18 +120,45 @@ class _Session:
         self.writer.start()
 
     def send(self, message: tuple) -> None:
-        if self.alive:
-            self.outbox.put(message)
+        """Sends `message` from the event loop when the pipe takes all of it at once
+        (the usual case: waking the writer thread would cost more than the write).
+        Large messages, the rest of a partial write and every message behind them go
+        through the writer thread, in order."""
+        if not self.alive:
+            return
+        if _payload_bytes(message) > DIRECT_SEND_BYTES:
+            item: tuple | bytes = message  # pickled by the writer thread
+        else:
+            data = ForkingPickler.dumps(message)
+            item = struct.pack("!i", len(data)) + data  # multiprocessing's framing
+        with self.lock:
+            if not self.queued and isinstance(item, bytes):
+                try:
+                    sent = self.sock.send(item, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    return  # the worker is gone: the reader reports it
+                if sent == len(item):
+                    return
+                item = item[sent:]
+            self.queued += 1
+        self.outbox.put(item)
 
     def _write(self) -> None:
         while True:
-            message = self.outbox.get()
-            if message is None:
+            item = self.outbox.get()
+            if item is None:
                 return
             try:
-                self.conn.send(message)
+                if isinstance(item, bytes):
+                    self.sock.sendall(item)
+                else:
+                    self.conn.send(item)
             except (OSError, ValueError, EOFError):
                 return
+            with self.lock:
+                self.queued -= 1
 
     def _read(self) -> None:
         """Runs on the event loop whenever the pipe is readable. The worker writes each
@@ -152,6 +199,7 @@ class _Session:
         self.outbox.put(None)
         with contextlib.suppress(OSError):
             self.conn.close()
+        self.sock.close()
 
 
 class EngineClient:
