@@ -204,7 +204,7 @@ def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
             return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
 
         assert len(texts_of_first()) == 1  # the first piece at once, the rest held
-        assert backend.active[1].choices[0].held
+        assert backend.active[1].handle.can_read()  # (in the pipeline's queue)
         backend.add(2, _request(max_new_tokens=4))  # quick to add: nothing released
         backend.admit()
         assert len(texts_of_first()) == 1
@@ -213,6 +213,52 @@ def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
         backend.admit()
         assert len(texts_of_first()) == 2
         assert not backend.active[1].choices[0].held
+        assert not backend.active[1].handle.can_read()
+    finally:
+        for rid in list(backend.active):
+            backend.abort(rid)
+        while backend.pipe.has_non_finished_requests():
+            backend.pipe.step()
+
+
+def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(qwen2vl_ir: Path) -> None:
+    """Between two pieces of a stream its tokens wait in the pipeline's queue; a request
+    that ends is read at once, and one with stop strings every step."""
+    import openvino as ov
+    import openvino_genai as genai
+
+    from utils.engine_worker import CBBackend, WorkerConfig
+
+    outbox = _Outbox()
+    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
+    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
+    backend.stream_interval = 60.0
+    try:
+        backend.add(1, _request(max_new_tokens=3000))
+        backend.add(2, _request(max_new_tokens=3000, stop=("never said",)))
+        backend.add(3, _request(max_new_tokens=4))
+        backend.admit()
+        for _ in range(8):
+            backend.pipe.step()
+            backend.collect()
+            backend.flush()
+        events = [e for m in outbox.sent for e in m[1] if e[2] or e[4]]
+
+        def of(rid: int) -> list[tuple]:
+            return [e for e in events if e[0] == rid]
+
+        assert len(of(1)) == len(of(2)) == 1  # the first piece at once, the rest held...
+        assert backend.active[1].handle.can_read()  # ...in the pipeline's queue
+        assert not backend.active[2].handle.can_read()  # read every step, held here
+        assert backend.active[2].choices[0].held
+        assert of(3)[-1][3:5] == (4, "length")  # the end is never held back
+        backend.stream_interval = 0.0
+        backend.pipe.step()
+        backend.collect()
+        backend.flush()
+        first = [e for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
+        assert len(first) == 2 and first[-1][3] == 9  # the queued tokens as one piece
+        assert not backend.active[1].handle.can_read()
     finally:
         for rid in list(backend.active):
             backend.abort(rid)
@@ -266,11 +312,14 @@ def test_admission_adds_one_slow_request_per_step(
             backend.pipe.step()
 
 
-def _request(max_new_tokens: int) -> GenerationRequest:
+def _request(max_new_tokens: int, stop: tuple[str, ...] = ()) -> GenerationRequest:
     image = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, stop=stop
+    )
     return GenerationRequest(
         request_id="test",
         messages=[{"role": "user", "content": "<ov_genai_image_0>Describe the picture."}],
-        params=SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True),
+        params=params,
         images=[image],
     )

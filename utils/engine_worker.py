@@ -594,7 +594,7 @@ _FINISH_REASONS = {"LENGTH": "length", "STOP": "stop", "TOOL_CALL": "stop"}
 
 
 class _Active:
-    __slots__ = ("choices", "handle", "key_to_choice", "prep", "rid", "started")
+    __slots__ = ("choices", "handle", "key_to_choice", "lazy", "prep", "rid", "started")
 
     def __init__(self, rid: int, prep: Prepared, handle: Any, table: ByteTokenTable | None) -> None:
         self.rid = rid
@@ -604,6 +604,9 @@ class _Active:
         self.choices = [ChoiceState(i, prep.params.stop, table) for i in range(n)]
         self.key_to_choice: dict[int, ChoiceState] = {}
         self.started = time.monotonic()
+        # One choice and no stop strings: nothing to act on between two pieces of text,
+        # so its outputs can wait in the pipeline until the next piece is due.
+        self.lazy = len(self.choices) == 1 and not prep.params.stop
 
     def choice_for(self, key: int) -> ChoiceState:
         choice = self.key_to_choice.get(key)
@@ -760,6 +763,7 @@ class CBBackend(Backend):
             genai.GenerationStatus.CANCEL,
         }
         self.ignored_status = genai.GenerationStatus.IGNORED
+        self.running_status = genai.GenerationStatus.RUNNING
         self.reasons = {
             value: finish_reason_name(value)
             for value in genai.GenerationFinishReason.__members__.values()
@@ -803,6 +807,7 @@ class CBBackend(Backend):
         request's images before it returns; when that takes longer than the interval
         (`add_seconds`, a moving average), no piece of a running answer should wait
         behind it."""
+        self.collect(every=True)
         now = time.monotonic()
         for active in self.active.values():
             for choice in active.choices:
@@ -847,7 +852,11 @@ class CBBackend(Backend):
                 self.overhead_seconds += (before_step - started) + (clock() - after_step)
             self.flush()
 
-    def collect(self) -> None:
+    def collect(self, every: bool = False) -> None:
+        """Reads the new outputs and queues their events. A lazy request (see _Active)
+        whose next piece is not due yet is skipped unless `every`: reading a step's
+        outputs costs more than a fast model's step does per sequence, and the tokens
+        wait in the pipeline's queue until the piece is due (or the request ends)."""
         metrics = self.pipe.get_metrics()
         self._stats = (
             int(metrics.scheduled_requests),
@@ -855,7 +864,15 @@ class CBBackend(Backend):
             float(metrics.cache_usage),
         )
         work: list[tuple[_Active, ChoiceState, int]] = []
+        not_due = time.monotonic() - self.stream_interval
         for rid, active in list(self.active.items()):
+            if (
+                active.lazy
+                and not every
+                and active.choices[0].last_sent > not_due
+                and active.handle.get_status() == self.running_status
+            ):
+                continue
             try:
                 work.extend(self._read_outputs(active))
             except Exception as exc:
