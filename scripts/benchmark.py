@@ -140,6 +140,10 @@ def print_summary(result: dict[str, Any]) -> None:
 # ------------------------------------------------------------------- server mode
 
 
+class _Unanswered(Exception):
+    """The server closed the connection without answering."""
+
+
 class _SSEClient:
     """A minimal HTTP/1.1 client for streaming responses, cheap enough per chunk that
     the benchmark does not steal much CPU from the server on the same machine. Like
@@ -158,11 +162,18 @@ class _SSEClient:
         sample = Sample(start=time.perf_counter())
         connection = None
         try:
-            if self.idle:
+            while self.idle:  # the server may have closed it meanwhile: then a new one
                 connection = self.idle.pop()
-            else:
+                try:
+                    reuse = await self._exchange(sample, *connection, body)
+                    break
+                except _Unanswered:
+                    connection[1].close()
+                    connection = None
+            if connection is None:
                 connection = await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
-            if await self._exchange(sample, *connection, body):
+                reuse = await self._exchange(sample, *connection, body)
+            if reuse:
                 self.idle.append(connection)
                 connection = None
         except Exception as exc:
@@ -191,9 +202,15 @@ class _SSEClient:
             f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
             f"Accept: text/event-stream\r\n{self.headers}\r\n"
         )
-        writer.write(head.encode() + payload)
-        await writer.drain()
-        status = int((await reader.readline()).split()[1])
+        try:
+            writer.write(head.encode() + payload)
+            await writer.drain()
+            line = await reader.readline()
+        except ConnectionError:
+            line = b""
+        if not line:
+            raise _Unanswered
+        status = int(line.split()[1])
         chunked, length, reuse = False, None, True
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")

@@ -34,11 +34,14 @@ def test_benchmark_raw_modes(qwen2vl_ir: Path, tmp_path: Path) -> None:
         assert result["errors"] == 0
 
 
-def test_benchmark_paired_mode(live_server, qwen2vl_ir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("image_size", ["64", "0"])  # 0: text only
+def test_benchmark_paired_mode(
+    live_server, qwen2vl_ir: Path, tmp_path: Path, image_size: str
+) -> None:
     base_url = live_server()
     out = tmp_path / "paired.json"
     args = ["--url", base_url, "--raw", str(qwen2vl_ir), "--paired", "--rounds", "3"]
-    args += ["-c", "2", "-n", "2", "--max-tokens", "5", "--image-size", "64"]
+    args += ["-c", "2", "-n", "2", "--max-tokens", "5", "--image-size", image_size]
     assert benchmark([*args, "--save", str(out)]) == 0
     result = json.loads(out.read_text())
     assert len(result["rounds"]) == 3
@@ -52,25 +55,16 @@ def test_benchmark_paired_mode(live_server, qwen2vl_ir: Path, tmp_path: Path) ->
     assert result["median_ratios"]["aggregate_tok_s"] == ratios[1]
 
 
-def test_benchmark_text_only(live_server, qwen2vl_ir: Path, tmp_path: Path) -> None:
-    base_url = live_server()
-    out = tmp_path / "paired.json"
-    args = ["--url", base_url, "--raw", str(qwen2vl_ir), "--paired", "--rounds", "1"]
-    args += ["-c", "2", "-n", "2", "--max-tokens", "4", "--image-size", "0"]
-    assert benchmark([*args, "--save", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["output_tokens"] == result["raw"]["output_tokens"] == 2 * 4
-    assert result["errors"] == result["raw"]["errors"] == 0
-
-
-async def _sse_server(connection_close: bool) -> tuple[asyncio.Server, list[int]]:
+async def _sse_server(mode: str) -> tuple[asyncio.Server, list[int]]:
     """A server that answers every request with a two-event chunked SSE stream (a 404
-    for a body that asks for one), counting the connections it accepted."""
+    for a body that asks for one), counting the connections it accepted. After each
+    answer it keeps the connection ("keep"), closes it as announced ("close") or
+    closes it unannounced, as an idle connection times out ("drop")."""
     accepted: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(1)
-        close = b"Connection: close\r\n" if connection_close else b""
+        close = b"Connection: close\r\n" if mode == "close" else b""
         try:
             while request := await reader.readuntil(b"\r\n\r\n"):
                 length = int(request.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
@@ -87,7 +81,7 @@ async def _sse_server(connection_close: bool) -> tuple[asyncio.Server, list[int]
                     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
                     writer.write(head + close + b"\r\n" + chunks + b"0\r\n\r\n")
                 await writer.drain()
-                if connection_close:
+                if mode != "keep":
                     break
         except asyncio.IncompleteReadError:  # the client closed the connection
             pass
@@ -97,10 +91,10 @@ async def _sse_server(connection_close: bool) -> tuple[asyncio.Server, list[int]
     return server, accepted
 
 
-@pytest.mark.parametrize("connection_close", [False, True])
-def test_sse_client_reuses_connections_unless_told_to_close(connection_close: bool) -> None:
+@pytest.mark.parametrize("mode", ["keep", "close", "drop"])
+def test_sse_client_reuses_connections_while_they_stay_open(mode: str) -> None:
     async def run() -> tuple[list[Sample], int]:
-        server, accepted = await _sse_server(connection_close)
+        server, accepted = await _sse_server(mode)
         port = server.sockets[0].getsockname()[1]
         client = _SSEClient(f"http://127.0.0.1:{port}/v1", {})
         async with server:
@@ -111,4 +105,4 @@ def test_sse_client_reuses_connections_unless_told_to_close(connection_close: bo
     assert [s.error is None for s in samples] == [True, False, True, True]
     assert samples[1].error is not None and samples[1].error.startswith("HTTP 404")
     assert [s.tokens for s in (samples[0], samples[2], samples[3])] == [1, 1, 1]
-    assert connections == (4 if connection_close else 1)
+    assert connections == (1 if mode == "keep" else 4)
