@@ -3,7 +3,9 @@ real tokenizers and pipelines."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import openvino_genai
@@ -179,137 +181,120 @@ class _Outbox:
         self.sent.append(message)
 
 
-def test_slow_adds_release_held_text(qwen2vl_ir: Path) -> None:
+@pytest.fixture
+def cb_backend(qwen2vl_ir: Path) -> Iterator[tuple[Any, _Outbox]]:
+    """A continuous-batching engine writing to an _Outbox."""
+    import openvino as ov
+    import openvino_genai as genai
+
+    from utils.engine_worker import CBBackend, WorkerConfig
+
+    outbox = _Outbox()
+    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
+    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
+    yield backend, outbox
+    for rid in list(backend.active):
+        backend.abort(rid)
+    while backend.pipe.has_non_finished_requests():
+        backend.pipe.step()
+
+
+def test_slow_adds_release_held_text(cb_backend: tuple[Any, _Outbox]) -> None:
     """Text held back by the stream interval goes out before a new request is added
     when adding takes longer than the interval (adding encodes the images), and stays
     held when adding is quick."""
-    import openvino as ov
-    import openvino_genai as genai
-
-    from utils.engine_worker import CBBackend, WorkerConfig
-
-    outbox = _Outbox()
-    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
-    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
-    backend.stream_interval = 60.0
-    try:
-        backend.add(1, _request(max_new_tokens=3000))
-        backend.admit()
-        for _ in range(6):
-            backend.pipe.step()
-            backend.collect()
-            backend.flush()
-
-        def texts_of_first() -> list[str]:
-            return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
-
-        assert len(texts_of_first()) == 1  # the first piece at once, the rest held
-        assert backend.active[1].handle.can_read()  # (in the pipeline's queue)
-        backend.add(2, _request(max_new_tokens=4))  # quick to add: nothing released
-        backend.admit()
-        assert len(texts_of_first()) == 1
-        backend.add_seconds = 120.0  # adding now takes longer than the interval
-        backend.add(3, _request(max_new_tokens=4))
-        backend.admit()
-        assert len(texts_of_first()) == 2
-        assert not backend.active[1].choices[0].held
-        assert not backend.active[1].handle.can_read()
-    finally:
-        for rid in list(backend.active):
-            backend.abort(rid)
-        while backend.pipe.has_non_finished_requests():
-            backend.pipe.step()
-
-
-def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(qwen2vl_ir: Path) -> None:
-    """Between two pieces of a stream its tokens wait in the pipeline's queue; a request
-    that ends is read at once, and one with stop strings every step."""
-    import openvino as ov
-    import openvino_genai as genai
-
-    from utils.engine_worker import CBBackend, WorkerConfig
-
-    outbox = _Outbox()
-    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
-    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
-    backend.stream_interval = 60.0
-    try:
-        backend.add(1, _request(max_new_tokens=3000))
-        backend.add(2, _request(max_new_tokens=3000, stop=("never said",)))
-        backend.add(3, _request(max_new_tokens=4))
-        backend.admit()
-        for _ in range(8):
-            backend.pipe.step()
-            backend.collect()
-            backend.flush()
-        events = [e for m in outbox.sent for e in m[1] if e[2] or e[4]]
-
-        def of(rid: int) -> list[tuple]:
-            return [e for e in events if e[0] == rid]
-
-        assert len(of(1)) == len(of(2)) == 1  # the first piece at once, the rest held...
-        assert backend.active[1].handle.can_read()  # ...in the pipeline's queue
-        assert not backend.active[2].handle.can_read()  # read every step, held here
-        assert backend.active[2].choices[0].held
-        assert of(3)[-1][3:5] == (4, "length")  # the end is never held back
-        backend.stream_interval = 0.0
+    backend, outbox = cb_backend
+    backend.stream_interval = 60.0  # every piece after the first is held back
+    backend.add(1, _request(max_new_tokens=3000))
+    backend.admit()
+    for _ in range(6):
         backend.pipe.step()
         backend.collect()
         backend.flush()
-        first = [e for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
-        assert len(first) == 2 and first[-1][3] == 9  # the queued tokens as one piece
-        assert not backend.active[1].handle.can_read()
-    finally:
-        for rid in list(backend.active):
-            backend.abort(rid)
-        while backend.pipe.has_non_finished_requests():
-            backend.pipe.step()
+
+    def texts_of_first() -> list[str]:
+        return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
+
+    assert len(texts_of_first()) == 1  # the first piece at once, the rest held
+    assert backend.active[1].handle.can_read()  # (in the pipeline's queue)
+    backend.add(2, _request(max_new_tokens=4))  # quick to add: nothing released
+    backend.admit()
+    assert len(texts_of_first()) == 1
+    backend.add_seconds = 120.0  # adding now takes longer than the interval
+    backend.add(3, _request(max_new_tokens=4))
+    backend.admit()
+    assert len(texts_of_first()) == 2
+    assert not backend.active[1].choices[0].held
+    assert not backend.active[1].handle.can_read()
+
+
+def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(
+    cb_backend: tuple[Any, _Outbox],
+) -> None:
+    """Between two pieces of a stream its tokens wait in the pipeline's queue; a request
+    that ends is read at once, and one with stop strings every step."""
+    backend, outbox = cb_backend
+    backend.stream_interval = 60.0
+    backend.add(1, _request(max_new_tokens=3000))
+    backend.add(2, _request(max_new_tokens=3000, stop=("never said",)))
+    backend.add(3, _request(max_new_tokens=4))
+    backend.admit()
+    for _ in range(8):
+        backend.pipe.step()
+        backend.collect()
+        backend.flush()
+    events = [e for m in outbox.sent for e in m[1] if e[2] or e[4]]
+
+    def of(rid: int) -> list[tuple]:
+        return [e for e in events if e[0] == rid]
+
+    assert len(of(1)) == len(of(2)) == 1  # the first piece at once, the rest held...
+    assert backend.active[1].handle.can_read()  # ...in the pipeline's queue
+    assert not backend.active[2].handle.can_read()  # read every step, held here
+    assert backend.active[2].choices[0].held
+    assert of(3)[-1][3:5] == (4, "length")  # the end is never held back
+    backend.stream_interval = 0.0
+    backend.pipe.step()
+    backend.collect()
+    backend.flush()
+    first = [e for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
+    assert len(first) == 2 and first[-1][3] == 9  # the queued tokens as one piece
+    assert not backend.active[1].handle.can_read()
 
 
 def test_admission_adds_one_slow_request_per_step(
-    qwen2vl_ir: Path, monkeypatch: pytest.MonkeyPatch
+    cb_backend: tuple[Any, _Outbox], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between two steps the engine adds waiting requests only for ADMIT_BUDGET_S (at
     least one), so a burst of image requests starts one by one; a waiting request
     can be aborted before it is added and counts as waiting in the stats."""
-    import openvino as ov
-    import openvino_genai as genai
-
     from utils import engine_worker
-    from utils.engine_worker import CBBackend, WorkerConfig
 
-    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
-    backend = CBBackend(_Outbox(), ov, genai, cfg)  # type: ignore[arg-type]
-    try:
-        monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 0.0)  # every add is "slow"
-        for rid in (1, 2, 3):
-            backend.add(rid, _request(max_new_tokens=4))
-        assert backend.stats()[1] == 3 and not backend.active
-        backend.admit()
-        assert list(backend.active) == [1]
-        assert [rid for rid, _ in backend.pending] == [2, 3]
-        backend.abort(2)  # leaves before it was ever added
+    backend, _ = cb_backend
+    monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 0.0)  # every add is "slow"
+    for rid in (1, 2, 3):
+        backend.add(rid, _request(max_new_tokens=4))
+    assert backend.stats()[1] == 3 and not backend.active
+    backend.admit()
+    assert list(backend.active) == [1]
+    assert [rid for rid, _ in backend.pending] == [2, 3]
+    backend.abort(2)  # leaves before it was ever added
+    backend.pipe.step()
+    backend.collect()
+    assert any(e[0] == 1 and e[3] for e in backend.events)  # 1 streams; 3 waits
+    backend.admit()
+    assert list(backend.active) == [1, 3] and not backend.pending
+
+    monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 60.0)
+    for rid in (4, 5, 6):
+        backend.add(rid, _request(max_new_tokens=4))
+    backend.admit()  # within the budget: all together
+    assert list(backend.active) == [1, 3, 4, 5, 6] and not backend.pending
+    while backend.active:
         backend.pipe.step()
         backend.collect()
-        assert any(e[0] == 1 and e[3] for e in backend.events)  # 1 streams; 3 waits
-        backend.admit()
-        assert list(backend.active) == [1, 3] and not backend.pending
-
-        monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 60.0)
-        for rid in (4, 5, 6):
-            backend.add(rid, _request(max_new_tokens=4))
-        backend.admit()  # within the budget: all together
-        assert list(backend.active) == [1, 3, 4, 5, 6] and not backend.pending
-        while backend.active:
-            backend.pipe.step()
-            backend.collect()
-        finals = {e[0] for e in backend.events if e[4] is not None}
-        assert finals == {1, 3, 4, 5, 6}
-    finally:
-        for rid in list(backend.active):
-            backend.abort(rid)
-        while backend.pipe.has_non_finished_requests():
-            backend.pipe.step()
+    finals = {e[0] for e in backend.events if e[4] is not None}
+    assert finals == {1, 3, 4, 5, 6}
 
 
 def _request(max_new_tokens: int, stop: tuple[str, ...] = ()) -> GenerationRequest:
