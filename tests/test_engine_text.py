@@ -199,6 +199,14 @@ def cb_backend(qwen2vl_ir: Path) -> Iterator[tuple[Any, _Outbox]]:
         backend.pipe.step()
 
 
+def _steps(backend: Any, count: int) -> None:
+    """What the engine's loop does after each step, without taking new requests."""
+    for _ in range(count):
+        backend.pipe.step()
+        backend.collect()
+        backend.flush()
+
+
 def test_slow_adds_release_held_text(cb_backend: tuple[Any, _Outbox]) -> None:
     """Text held back by the stream interval goes out before a new request is added
     when adding takes longer than the interval (adding encodes the images), and stays
@@ -207,10 +215,7 @@ def test_slow_adds_release_held_text(cb_backend: tuple[Any, _Outbox]) -> None:
     backend.stream_interval = 60.0  # every piece after the first is held back
     backend.add(1, _request(max_new_tokens=3000))
     backend.admit()
-    for _ in range(6):
-        backend.pipe.step()
-        backend.collect()
-        backend.flush()
+    _steps(backend, 6)
 
     def texts_of_first() -> list[str]:
         return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
@@ -239,10 +244,7 @@ def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(
     backend.add(2, _request(max_new_tokens=3000, stop=("never said",)))
     backend.add(3, _request(max_new_tokens=4))
     backend.admit()
-    for _ in range(8):
-        backend.pipe.step()
-        backend.collect()
-        backend.flush()
+    _steps(backend, 8)
     events = [e for m in outbox.sent for e in m[1] if e[2] or e[4]]
 
     def of(rid: int) -> list[tuple]:
@@ -254,9 +256,7 @@ def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(
     assert backend.active[2].choices[0].held
     assert of(3)[-1][3:5] == (4, "length")  # the end is never held back
     backend.stream_interval = 0.0
-    backend.pipe.step()
-    backend.collect()
-    backend.flush()
+    _steps(backend, 1)
     first = [e for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
     assert len(first) == 2 and first[-1][3] == 9  # the queued tokens as one piece
     assert not backend.active[1].handle.can_read()
