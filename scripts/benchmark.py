@@ -64,6 +64,13 @@ def make_image(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def make_images(args: argparse.Namespace) -> list[np.ndarray]:
+    """The benchmark's distinct images (`--images` of `--image-size`); none for 0."""
+    if args.image_size <= 0:
+        return []
+    return [make_image(args.image_size, seed=i) for i in range(args.images)]
+
+
 def image_data_url(image: np.ndarray) -> str:
     from PIL import Image
 
@@ -283,8 +290,7 @@ class ServerRunner:
         self.args = args
         self.base = args.url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        sizes = range(args.images) if args.image_size > 0 else []
-        self.urls = [image_data_url(make_image(args.image_size, seed=i)) for i in sizes]
+        self.urls = [image_data_url(image) for image in make_images(args)]
         self.sse = _SSEClient(f"{self.base}/v1/chat/completions", self.headers)
         self.model = args.model
         self.label = f"server {self.base} c={args.concurrency}"
@@ -383,8 +389,7 @@ class RawRunner:
         settings = Settings()
         properties = engine_properties(settings)  # VLM_OV_CONFIG, as the server passes it
         model_dir = str(args.raw)
-        sizes = range(args.images) if args.image_size > 0 else []
-        self.tensors = [ov.Tensor(make_image(args.image_size, seed=i)) for i in sizes]
+        self.tensors = [ov.Tensor(image) for image in make_images(args)]
         tag = "<ov_genai_image_0>" if self.tensors else ""
         self.use_vlm = args.raw_pipeline == "vlm" or (
             args.raw_pipeline == "auto" and args.concurrency == 1
