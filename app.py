@@ -14,62 +14,66 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
-from utils.chat import router as chat_router
+from utils.api.chat import router as chat_router
+from utils.api.devices import router as devices_router
+from utils.api.health import router as health_router
+from utils.api.metrics import install_metrics
+from utils.api.models import router as models_router
+from utils.api.security import install_log_filter, install_security
+from utils.api.state import AppState, app_state
 from utils.devices import DeviceError, check_device
-from utils.devices import router as devices_router
-from utils.engine import EngineClient
+from utils.engine.client import EngineClient
 from utils.errors import install_error_handlers
-from utils.export import ModelExportError, ensure_model, preflight
-from utils.fetch import MediaFetcher
-from utils.media import DecodedImageCache
-from utils.observability import install_observability
-from utils.security import install_log_filter, install_security
+from utils.media.cache import DecodedImageCache
+from utils.media.fetch import MediaFetcher
+from utils.models.export import ModelExportError, ensure_model, preflight
 from utils.settings import Settings, SettingsLoadError, load_settings
 
 logger = logging.getLogger("vlm")
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app_state(app)
+    settings = state.settings
+    state.fetcher = MediaFetcher(settings)
+    if settings.image_cache_mb:
+        state.image_cache = DecodedImageCache(settings.image_cache_mb * 2**20)
+
+    async def load() -> None:
+        # Export and warm-up can take minutes on a real model: run them in the
+        # background so /health answers and readiness says "loading".
+        try:
+            model_dir = await asyncio.to_thread(ensure_model, settings)
+            engine = EngineClient(settings, model_dir)
+            await engine.start()
+        except Exception:
+            logger.exception("the model could not be loaded; /ready stays 503")
+            raise
+        state.engine = engine
+
+    state.loader = asyncio.create_task(load())
+    try:
+        yield
+    finally:
+        state.loader.cancel()
+        with contextlib.suppress(BaseException):
+            await state.loader
+        if isinstance(state.engine, EngineClient):
+            await state.engine.stop()
+        await state.fetcher.aclose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.fetcher = MediaFetcher(settings)
-        app.state.image_cache = (
-            DecodedImageCache(settings.image_cache_mb * 2**20) if settings.image_cache_mb else None
-        )
-        app.state.engine = None
-
-        async def load() -> None:
-            # Export and warm-up can take minutes on a real model: run them in
-            # the background so /health answers and readiness says "loading".
-            try:
-                model_dir = await asyncio.to_thread(ensure_model, settings)
-                engine = EngineClient(settings, model_dir)
-                await engine.start()
-            except Exception:
-                logger.exception("the model could not be loaded; /ready stays 503")
-                raise
-            app.state.engine = engine
-
-        loader = asyncio.create_task(load())
-        app.state.loader = loader
-        try:
-            yield
-        finally:
-            loader.cancel()
-            with contextlib.suppress(BaseException):
-                await loader
-            if app.state.engine is not None:
-                await app.state.engine.stop()
-            await app.state.fetcher.aclose()
-
     app = FastAPI(title="OpenVINO VLM server", version="0.1.0", lifespan=lifespan)
-    app.state.settings = settings
+    app.state.vlm = AppState(settings=settings)
     install_error_handlers(app)
     install_security(app, settings)
-    install_observability(app)  # after security: counts its 401/413 answers too
+    install_metrics(app)  # after security: counts its 401/413 answers too
+    app.include_router(health_router)
     app.include_router(devices_router)
+    app.include_router(models_router)
     app.include_router(chat_router)
     return app
 

@@ -381,8 +381,9 @@ class RawRunner:
         import openvino_genai as genai
 
         from utils.devices import engine_properties
-        from utils.engine import worker_config
-        from utils.engine_worker import scheduler_config
+        from utils.engine.client import worker_config
+        from utils.engine.continuous import scheduler_config
+        from utils.engine.model_config import ModelConfig
         from utils.settings import Settings
 
         self.args, self.genai = args, genai
@@ -400,7 +401,9 @@ class RawRunner:
             self.pipe = genai.VLMPipeline(model_dir, settings.device, **properties)
             self.label = "raw VLMPipeline c=1"
         else:
-            scheduler = scheduler_config(genai, worker_config(settings, Path(model_dir)))
+            scheduler = scheduler_config(
+                genai, worker_config(settings, Path(model_dir), ModelConfig.read(model_dir))
+            )
             self.pipe = genai.ContinuousBatchingPipeline(
                 model_dir, scheduler, settings.device, properties
             )

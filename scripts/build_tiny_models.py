@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.export import ModelExportError
-from utils.tiny_models import KINDS, build_tiny_model
+from utils.models.export import ModelExportError
+from utils.models.tiny import KINDS, build_tiny_model
 
 
 def main(argv: list[str] | None = None) -> int:

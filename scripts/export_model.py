@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.export import ModelExportError, ensure_model
+from utils.models.export import ModelExportError, ensure_model
 from utils.settings import Settings
 
 

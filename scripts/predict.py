@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.errors import OpenAIError
+from utils.media.fetch import MediaBudget, MediaFetcher, MediaKind
 from utils.settings import Settings, SettingsLoadError, load_settings
 
 
@@ -57,21 +58,15 @@ def _as_url(value: str) -> str:
     return path.resolve().as_uri()
 
 
-class LocalFetcher:
+class LocalFetcher(MediaFetcher):
     """The server's fetcher, plus the local files named on the command line."""
 
-    def __init__(self, settings: Settings) -> None:
-        from utils.fetch import MediaFetcher
-
-        self._remote = MediaFetcher(settings)
-
-    async def fetch(self, url: str, *, kind: str = "image", **_: Any) -> bytes:
+    async def fetch(
+        self, url: str, *, kind: MediaKind = "image", budget: MediaBudget | None = None
+    ) -> bytes:
         if url.startswith("file://"):
             return await asyncio.to_thread(Path(unquote(urlsplit(url).path)).read_bytes)
-        return await self._remote.fetch(url, kind=kind)  # type: ignore[arg-type]
-
-    async def aclose(self) -> None:
-        await self._remote.aclose()
+        return await super().fetch(url, kind=kind, budget=budget)
 
 
 def build_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,12 +89,13 @@ def build_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
-    from utils.chat import build_generation_request, to_sampling_params
-    from utils.engine import EngineClient
-    from utils.export import ensure_model
-    from utils.protocol import parse_request
+    from utils.api.requests import build_generation_request, to_sampling_params
+    from utils.api.validation import check_request, parse_request
+    from utils.engine.client import EngineClient
+    from utils.models.export import ensure_model
 
     request = parse_request(build_body(args))
+    check_request(request, settings)
     params = to_sampling_params(request, settings)
     model_dir = await asyncio.to_thread(ensure_model, settings)
     engine = EngineClient(settings, model_dir)

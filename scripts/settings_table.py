@@ -1,8 +1,11 @@
-"""Print the README's settings table, generated from utils.settings.Settings.
+"""Print the settings table of docs/configuration.md, generated from utils.settings.Settings.
 
 .venv/bin/python scripts/settings_table.py            # print the table
-.venv/bin/python scripts/settings_table.py --write    # update README.md in place
-.venv/bin/python scripts/settings_table.py --check    # exit 1 if README.md is stale
+.venv/bin/python scripts/settings_table.py --write    # update docs/configuration.md in place
+.venv/bin/python scripts/settings_table.py --check    # exit 1 if docs/configuration.md is stale
+
+The table sits between the START and END markers below; everything around them is
+left as it is.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "configuration.md"
 sys.path.insert(0, str(ROOT))
 
 from utils.settings import Settings  # noqa: E402
@@ -77,10 +81,11 @@ def block() -> str:
     return f"{START}\n{table()}\n{END}"
 
 
-def replace_block(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    head, _, rest = readme.partition(START)
+def replace_block(text: str) -> str:
+    """`text` with the generated table between its markers."""
+    if START not in text or END not in text:
+        raise SystemExit(f"{DOC.relative_to(ROOT)} has no {START} ... {END} block")
+    head, _, rest = text.partition(START)
     _, _, tail = rest.partition(END)
     return head + block() + tail
 
@@ -88,17 +93,17 @@ def replace_block(readme: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", action="store_true", help="update README.md in place")
-    group.add_argument("--check", action="store_true", help="exit 1 if README.md is stale")
+    name = DOC.relative_to(ROOT)
+    group.add_argument("--write", action="store_true", help=f"update {name} in place")
+    group.add_argument("--check", action="store_true", help=f"exit 1 if {name} is stale")
     args = parser.parse_args(argv)
-    readme = ROOT / "README.md"
     if args.write:
-        readme.write_text(replace_block(readme.read_text()))
+        DOC.write_text(replace_block(DOC.read_text()))
         return 0
     if args.check:
-        text = readme.read_text()
+        text = DOC.read_text()
         if replace_block(text) != text:
-            print("README.md settings table is stale: run scripts/settings_table.py --write")
+            print(f"{name} settings table is stale: run scripts/settings_table.py --write")
             return 1
         return 0
     print(table())

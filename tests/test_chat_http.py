@@ -15,6 +15,7 @@ import pytest
 
 from app import create_app
 from tests.fixtures.server import LiveServers, MediaServer, data_url, make_image
+from utils.api.state import app_state
 from utils.settings import Settings
 
 MODEL = "embedded/tiny-qwen2-vl"
@@ -50,7 +51,7 @@ def events(raw: bytes) -> list[str]:
 
 
 def wait_until_idle(live_server: LiveServers, base_url: str, timeout: float = 20.0) -> bool:
-    engine = live_server.app(base_url).state.engine
+    engine = app_state(live_server.app(base_url)).engine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if engine.stats()["in_flight"] == 0:

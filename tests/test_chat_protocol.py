@@ -12,16 +12,14 @@ import numpy as np
 import pytest
 
 from tests.fixtures.server import data_url, make_image, make_video
-from utils.chat import (
-    _unless_disconnected,
-    build_generation_request,
-    resolve_model,
-    to_sampling_params,
-)
+from utils.api.chat import _unless_disconnected
+from utils.api.models import resolve_model
+from utils.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, parse_max_pixels
+from utils.api.requests import build_generation_request, to_sampling_params
+from utils.api.validation import check_request, parse_request
+from utils.engine.types import ModelInfo
 from utils.errors import OpenAIError
-from utils.fetch import MediaFetcher
-from utils.generation import ModelInfo
-from utils.protocol import ChatCompletionChunk, ChunkChoice, Delta, parse_max_pixels, parse_request
+from utils.media.fetch import MediaFetcher
 from utils.settings import Settings
 
 PNG = data_url(make_image("png"), "image/png")
@@ -48,10 +46,7 @@ def body(*messages: dict[str, Any], **fields: Any) -> dict[str, Any]:
 
 def refused(payload: Any) -> OpenAIError:
     with pytest.raises(OpenAIError) as info:
-        request = parse_request(payload)
-        unsupported = request.unsupported_param()
-        if unsupported:
-            raise OpenAIError(400, unsupported[1], param=unsupported[0])
+        check_request(parse_request(payload), Settings())
     assert info.value.status == 400
     return info.value
 
@@ -225,7 +220,7 @@ def test_every_sampling_field_is_mapped() -> None:
 def test_min_tokens_above_max_tokens_is_refused() -> None:
     request = parse_request(body(user(text("x")), max_tokens=3, min_tokens=4))
     with pytest.raises(OpenAIError) as info:
-        to_sampling_params(request, Settings())
+        check_request(request, Settings())
     assert info.value.param == "min_tokens"
 
 
@@ -258,6 +253,7 @@ async def build(
 ) -> Any:
     request = parse_request(payload)
     config = Settings(**settings)
+    check_request(request, config)
     return await build_generation_request(
         request,
         to_sampling_params(request, config),

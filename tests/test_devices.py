@@ -22,14 +22,14 @@ import pytest
 from fastapi import FastAPI
 
 from app import create_app
+from utils.api.devices import DeviceService, to_json
+from utils.api.state import app_state
 from utils.devices import (
     DeviceError,
-    DeviceService,
     check_device,
     engine_properties,
     parse_device,
     resolve_device,
-    to_json,
 )
 from utils.settings import Settings
 
@@ -120,7 +120,7 @@ async def cpu_client() -> AsyncIterator[httpx.AsyncClient]:
 def gpu_client() -> Callable[..., httpx.AsyncClient]:
     def make(device: str = "GPU", core: Callable[[], Any] = CoreWithGPUs) -> httpx.AsyncClient:
         app = create_app(Settings(device=device))
-        app.state.devices = DeviceService(core)
+        app_state(app).devices = DeviceService(core)
         return client_for(app)
 
     return make

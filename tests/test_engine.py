@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.engine import EngineClient
+from utils.engine.client import EngineClient
+from utils.engine.types import GenerationEvent, GenerationRequest, SamplingParams
 from utils.errors import OpenAIError
-from utils.generation import GenerationEvent, GenerationRequest, SamplingParams
 from utils.settings import Settings
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -360,11 +360,12 @@ async def test_messages_reach_the_worker_whole_and_in_order_when_the_pipe_fills(
     import multiprocessing
     import types
 
-    from utils.engine import DIRECT_SEND_BYTES, _Session
+    from utils.engine.messages import AbortRequest, AddRequest
+    from utils.engine.session import DIRECT_SEND_BYTES, Session
 
     parent, child = multiprocessing.Pipe(duplex=True)
-    client = types.SimpleNamespace(_loop=asyncio.get_running_loop())
-    session = _Session(client, process=None, conn=parent)  # type: ignore[arg-type]
+    owner = types.SimpleNamespace(on_step=None, on_exit=None)
+    session = Session(owner, asyncio.get_running_loop(), process=None, conn=parent)
     session.writer.start()
     medium = np.full((DIRECT_SEND_BYTES // 3 - 64, 3), 1, dtype=np.uint8)
     large = np.full((DIRECT_SEND_BYTES, 3), 2, dtype=np.uint8)
@@ -373,14 +374,15 @@ async def test_messages_reach_the_worker_whole_and_in_order_when_the_pipe_fills(
     try:
         for i, size in enumerate(sizes):
             images = {"small": [], "medium": [medium], "large": [large]}[size]
-            session.send(("add", i, request(images=images)))  # nobody reads: the pipe fills
+            session.send(AddRequest(i, request(images=images)))  # nobody reads: the pipe fills
             sent.append((i, size))
         assert session.queued > 0  # some had to wait for the writer thread
         received = []
         for _ in sizes:
             assert await asyncio.to_thread(child.poll, 10)
-            kind, i, got = child.recv()
-            assert kind == "add"
+            message = child.recv()
+            assert isinstance(message, AddRequest)
+            i, got = message.rid, message.request
             size = "small"
             if got.images:
                 size = "large" if got.images[0].shape == large.shape else "medium"
@@ -392,8 +394,8 @@ async def test_messages_reach_the_worker_whole_and_in_order_when_the_pipe_fills(
                 break
             await asyncio.sleep(0.01)
         assert session.queued == 0
-        session.send(("abort", 99))  # and the next small one is written directly
-        assert child.recv() == ("abort", 99)
+        session.send(AbortRequest(99))  # and the next small one is written directly
+        assert child.recv() == AbortRequest(99)
     finally:
         session.alive = False
         session.outbox.put(None)

@@ -11,18 +11,21 @@ import numpy as np
 import openvino_genai
 import pytest
 
-from utils.engine_worker import (
+from utils.engine import continuous
+from utils.engine.detokenize import (
     REPLACEMENT_CHAR,
     ByteDetokenizer,
     ByteTokenTable,
     IncrementalDetokenizer,
-    Preparer,
     StopMatcher,
-    VisualTokenCounter,
     decode_pending,
-    read_model_config,
 )
-from utils.generation import GenerationRequest, SamplingParams
+from utils.engine.messages import StepOutputs, TextEvent
+from utils.engine.model_config import ModelConfig
+from utils.engine.prompt import Preparer
+from utils.engine.tags import image_tag, video_tag
+from utils.engine.types import GenerationRequest, SamplingParams
+from utils.engine.visual_tokens import VisualTokenCounter
 
 TEXT = "Привет, мир! 你好世界 — héllo 😀🎉 naïve café ñ 日本語のテキスト ok"
 
@@ -124,7 +127,7 @@ def test_stop_matcher_across_chunks() -> None:
 
 
 def test_visual_token_counts_qwen2vl(qwen2vl_ir: Path) -> None:
-    counter = VisualTokenCounter.from_model_dir(qwen2vl_ir, read_model_config(qwen2vl_ir))
+    counter = VisualTokenCounter.for_model(ModelConfig.read(qwen2vl_ir))
     assert counter.image((112, 112, 3)) == 16 + 2
     assert counter.image((10, 10, 3)) == 4 + 2  # upscaled to the minimum (56x56)
     assert counter.image((4000, 4000, 3)) <= 200704 // 28**2 + 2  # capped
@@ -140,16 +143,17 @@ def test_prompt_token_count_matches_the_pipeline(kind: str, request: pytest.Fixt
     pipe = openvino_genai.ContinuousBatchingPipeline(
         str(path), openvino_genai.SchedulerConfig(), "CPU"
     )
-    preparer = Preparer(openvino, openvino_genai, pipe.get_tokenizer(), path)
+    model = ModelConfig.read(path)
+    preparer = Preparer(openvino, openvino_genai, pipe.get_tokenizer(), path, model)
     rng = np.random.default_rng(0)
     cases = [[(112, 112)], [(64, 160), (300, 90)], []]
     for n, shapes in enumerate(cases):
         images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
-        tags = "".join(f"<ov_genai_image_{i}>" for i in range(len(images)))
+        tags = "".join(image_tag(i) for i in range(len(images)))
         videos = []
         if kind == "qwen2-vl" and n == 2:
             videos = [rng.integers(0, 256, (4, 84, 112, 3), dtype=np.uint8)]
-            tags = "<ov_genai_video_0>"
+            tags = video_tag(0)
         generation = GenerationRequest(
             request_id=str(n),
             messages=[
@@ -172,13 +176,19 @@ class _Outbox:
     """Stands in for the engine's pipe to the API process: keeps what is sent."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple] = []
+        self.sent: list[StepOutputs] = []
 
     def poll(self, timeout: float = 0) -> bool:
         return False
 
-    def send(self, message: tuple) -> None:
-        self.sent.append(message)
+    def recv(self) -> Any:
+        raise EOFError
+
+    def send(self, obj: Any) -> None:
+        self.sent.append(obj)
+
+    def events(self) -> list[TextEvent]:
+        return [event for message in self.sent for event in message.events]
 
 
 @pytest.fixture
@@ -187,11 +197,14 @@ def cb_backend(qwen2vl_ir: Path) -> Iterator[tuple[Any, _Outbox]]:
     import openvino as ov
     import openvino_genai as genai
 
-    from utils.engine_worker import CBBackend, WorkerConfig
+    from utils.engine.continuous import CBBackend
+    from utils.engine.messages import WorkerConfig
 
     outbox = _Outbox()
-    cfg = WorkerConfig(model_dir=str(qwen2vl_ir), kv_cache_blocks=512)
-    backend = CBBackend(outbox, ov, genai, cfg)  # type: ignore[arg-type]
+    cfg = WorkerConfig(
+        model_dir=str(qwen2vl_ir), model=ModelConfig.read(qwen2vl_ir), kv_cache_blocks=512
+    )
+    backend = CBBackend(outbox, ov, genai, cfg)
     yield backend, outbox
     for rid in list(backend.active):
         backend.abort(rid)
@@ -218,7 +231,7 @@ def test_slow_adds_release_held_text(cb_backend: tuple[Any, _Outbox]) -> None:
     _steps(backend, 6)
 
     def texts_of_first() -> list[str]:
-        return [e[2] for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
+        return [e.text for e in outbox.events() if e.rid == 1 and e.text]
 
     assert len(texts_of_first()) == 1  # the first piece at once, the rest held
     assert backend.active[1].handle.can_read()  # (in the pipeline's queue)
@@ -245,20 +258,20 @@ def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(
     backend.add(3, _request(max_new_tokens=4))
     backend.admit()
     _steps(backend, 8)
-    events = [e for m in outbox.sent for e in m[1] if e[2] or e[4]]
+    events = [e for e in outbox.events() if e.text or e.finish_reason]
 
-    def of(rid: int) -> list[tuple]:
-        return [e for e in events if e[0] == rid]
+    def of(rid: int) -> list[TextEvent]:
+        return [e for e in events if e.rid == rid]
 
     assert len(of(1)) == len(of(2)) == 1  # the first piece at once, the rest held...
     assert backend.active[1].handle.can_read()  # ...in the pipeline's queue
     assert not backend.active[2].handle.can_read()  # read every step, held here
     assert backend.active[2].choices[0].held
-    assert of(3)[-1][3:5] == (4, "length")  # the end is never held back
+    assert (of(3)[-1].completion_tokens, of(3)[-1].finish_reason) == (4, "length")
     backend.stream_interval = 0.0
     _steps(backend, 1)
-    first = [e for m in outbox.sent for e in m[1] if e[0] == 1 and e[2]]
-    assert len(first) == 2 and first[-1][3] == 9  # the queued tokens as one piece
+    first = [e for e in outbox.events() if e.rid == 1 and e.text]
+    assert len(first) == 2 and first[-1].completion_tokens == 9  # queued tokens, one piece
     assert not backend.active[1].handle.can_read()
 
 
@@ -268,24 +281,22 @@ def test_admission_adds_one_slow_request_per_step(
     """Between two steps the engine adds waiting requests only for ADMIT_BUDGET_S (at
     least one), so a burst of image requests starts one by one; a waiting request
     can be aborted before it is added and counts as waiting in the stats."""
-    from utils import engine_worker
-
     backend, _ = cb_backend
-    monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 0.0)  # every add is "slow"
+    monkeypatch.setattr(continuous, "ADMIT_BUDGET_S", 0.0)  # every add is "slow"
     for rid in (1, 2, 3):
         backend.add(rid, _request(max_new_tokens=4))
-    assert backend.stats()[1] == 3 and not backend.active
+    assert backend.stats().waiting == 3 and not backend.active
     backend.admit()
     assert list(backend.active) == [1]
     assert [rid for rid, _ in backend.pending] == [2, 3]
     backend.abort(2)  # leaves before it was ever added
     backend.pipe.step()
     backend.collect()
-    assert any(e[0] == 1 and e[3] for e in backend.events)  # 1 streams; 3 waits
+    assert any(e.rid == 1 and e.completion_tokens for e in backend.events)  # 1 streams
     backend.admit()
     assert list(backend.active) == [1, 3] and not backend.pending
 
-    monkeypatch.setattr(engine_worker, "ADMIT_BUDGET_S", 60.0)
+    monkeypatch.setattr(continuous, "ADMIT_BUDGET_S", 60.0)
     for rid in (4, 5, 6):
         backend.add(rid, _request(max_new_tokens=4))
     backend.admit()  # within the budget: all together
@@ -293,7 +304,7 @@ def test_admission_adds_one_slow_request_per_step(
     while backend.active:
         backend.pipe.step()
         backend.collect()
-    finals = {e[0] for e in backend.events if e[4] is not None}
+    finals = {e.rid for e in backend.events if e.finish_reason is not None}
     assert finals == {1, 3, 4, 5, 6}
 
 
@@ -304,7 +315,7 @@ def _request(max_new_tokens: int, stop: tuple[str, ...] = ()) -> GenerationReque
     )
     return GenerationRequest(
         request_id="test",
-        messages=[{"role": "user", "content": "<ov_genai_image_0>Describe the picture."}],
+        messages=[{"role": "user", "content": image_tag(0) + "Describe the picture."}],
         params=params,
         images=[image],
     )

@@ -17,16 +17,11 @@ import openvino as ov
 import pytest
 
 from tests.fixtures.models import REPO, TEST_SPEC
-from utils import export
-from utils.export import (
-    MANIFEST_NAME,
-    CompressionSpec,
-    ModelExportError,
-    check_export,
-    ensure_model_dir,
-    export_dir_for,
-)
-from utils.tiny_models import build_tiny_model
+from utils.models import export, manifest
+from utils.models.export import CompressionSpec, ensure_model_dir, export_dir_for
+from utils.models.hub import ModelExportError
+from utils.models.manifest import MANIFEST_NAME, check_export
+from utils.models.tiny import build_tiny_model
 
 INT8 = CompressionSpec(weight_format="int8")
 
@@ -146,7 +141,7 @@ def test_reuse_needs_neither_torch_nor_optimum(qwen2vl_ir: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from utils.export import ensure_model\n"
+        "from utils.models.export import ensure_model\n"
         "from utils.settings import Settings\n"
         "s = Settings(model_name='embedded/tiny-qwen2-vl', compression_group_size=16,"
         f" model_cache_dir=Path({str(qwen2vl_ir.parent)!r}))\n"
@@ -203,9 +198,9 @@ def test_concurrent_callers_export_once(
         calls.append(out_dir)
         time.sleep(0.3)
         out_dir.mkdir()
-        for name in export.REQUIRED_FILES:
+        for name in manifest.REQUIRED_FILES:
             (out_dir / name).write_text("x")
-        export.write_manifest(out_dir, {"model": "fake"})
+        manifest.write_manifest(out_dir, {"model": "fake"})
         return out_dir
 
     monkeypatch.setattr(export, "export_model", fake_export)

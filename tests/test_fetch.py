@@ -25,7 +25,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from utils.errors import OpenAIError
-from utils.fetch import MAX_REDIRECTS, MediaFetcher, is_blocked_address
+from utils.media.fetch import MAX_REDIRECTS, MediaFetcher
+from utils.media.guard import is_blocked_address
 from utils.settings import Settings
 
 PAYLOAD = bytes(range(256)) * 4  # 1024 bytes

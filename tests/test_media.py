@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.server import IMAGE_FORMATS, make_image, make_image_array, make_video
-from utils import media
 from utils.errors import OpenAIError
-from utils.media import (
-    DecodedImageCache,
+from utils.media import decode as media
+from utils.media.cache import DecodedImageCache
+from utils.media.decode import (
     MediaDecodeError,
     decode_image,
     decode_video,

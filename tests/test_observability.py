@@ -22,8 +22,9 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.server import asgi_client, data_url, make_app, make_image
-from utils.generation import GenerationEvent, ModelInfo
-from utils.observability import Metrics
+from utils.api.metrics import Metrics
+from utils.api.state import app_state
+from utils.engine.types import GenerationEvent, ModelInfo
 
 _INFO = ModelInfo("tiny", "qwen2_vl", "/models/tiny", True, 4096)
 
@@ -43,6 +44,7 @@ class _StandInEngine:
         }
     )
     info: ModelInfo = _INFO
+    pid: int | None = None
 
     def stats(self) -> dict[str, float]:
         return dict(self.counters)
@@ -71,14 +73,14 @@ async def test_ready_follows_the_engine() -> None:
     app = make_app()
     async with asgi_client(app) as client:
         # Loading: no engine yet.
-        app.state.engine = None
+        app_state(app).engine = None
         response = await client.get("/ready")
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_loading"
         assert response.headers["retry-after"]
         # Engine present but not ready (restarting after a crash).
         engine = _StandInEngine(ready=False)
-        app.state.engine = engine
+        app_state(app).engine = engine
         response = await client.get("/ready")
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "model_restarting"
@@ -95,10 +97,10 @@ async def test_ready_reports_a_failed_load() -> None:
     async def fail() -> None:
         raise RuntimeError("no such model")
 
-    app.state.engine = None
-    app.state.loader = asyncio.create_task(fail())
+    app_state(app).engine = None
+    app_state(app).loader = asyncio.create_task(fail())
     with contextlib.suppress(RuntimeError):
-        await app.state.loader
+        await app_state(app).loader
     async with asgi_client(app) as client:
         response = await client.get("/ready")
         assert response.status_code == 503
@@ -109,7 +111,7 @@ async def test_ready_reports_a_failed_load() -> None:
 
 async def test_status_queue_and_engine_gauges() -> None:
     app = make_app(max_queue=9, max_num_seqs=4, device="cpu")
-    app.state.engine = _StandInEngine()
+    app_state(app).engine = _StandInEngine()
     async with asgi_client(app) as client:
         queue = (await client.get("/queue")).json()
         assert queue == {"queue_depth": 3, "running": 2, "max_queue": 9, "max_num_seqs": 4}

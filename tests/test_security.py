@@ -21,9 +21,9 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
-import utils.security
+import utils.api.security
 from tests.fixtures.server import asgi_client, make_app
-from utils.security import RequestIdLogFilter, install_log_filter
+from utils.api.security import RequestIdLogFilter, install_log_filter
 
 KEYS = "key-one,key-two,key-three"
 
@@ -82,13 +82,13 @@ async def test_keys_compared_in_constant_time_against_every_key(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[tuple[bytes, bytes]] = []
-    real = utils.security.hmac.compare_digest
+    real = utils.api.security.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(utils.security.hmac, "compare_digest", spy)
+    monkeypatch.setattr(utils.api.security.hmac, "compare_digest", spy)
     async with asgi_client(make_app(api_keys=KEYS)) as client:
         response = await client.get("/v1/models", headers={"Authorization": "Bearer key-one"})
         assert response.status_code == 200

@@ -1,4 +1,5 @@
-"""README's settings table lists exactly the Settings fields, with their defaults."""
+"""The settings table in docs/configuration.md lists exactly the Settings fields, with
+their defaults; README's short table and every page name only real settings."""
 
 from __future__ import annotations
 
@@ -11,16 +12,28 @@ import pytest
 from scripts import settings_table
 from utils.settings import Settings
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGURATION = ROOT / "docs" / "configuration.md"
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# VLM_* variables that scripts read, not the server's Settings.
+NOT_SETTINGS = {"VLM_INSTALL_GROUPS", "VLM_API_KEY"}
+ROW = re.compile(r"^\| `(VLM_[A-Z0-9_]+)` \| (.*?) \| (.*) \|$", flags=re.M)
+NAME = re.compile(r"\bVLM_[A-Z0-9_]*[A-Z0-9]\b")
 
 
-def readme_rows() -> dict[str, tuple[str, str]]:
-    text = README.read_text()
-    section = text.split("<!-- section: settings -->", 1)[1].split("<!-- section:", 1)[0]
-    rows = re.findall(r"^\| `(VLM_[A-Z0-9_]+)` \| (.*?) \| (.*) \|$", section, flags=re.M)
+def table_rows(text: str) -> dict[str, tuple[str, str]]:
+    rows = ROW.findall(text)
     names = [name for name, _, _ in rows]
     assert len(names) == len(set(names)), "a variable is listed twice"
     return {name: (default, meaning) for name, default, meaning in rows}
+
+
+def generated_rows() -> dict[str, tuple[str, str]]:
+    text = CONFIGURATION.read_text()
+    assert settings_table.START in text and settings_table.END in text, "no table markers"
+    section = text.split(settings_table.START, 1)[1].split(settings_table.END, 1)[0]
+    return table_rows(section)
 
 
 def env_names() -> set[str]:
@@ -34,20 +47,20 @@ def _no_vlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_table_lists_exactly_the_settings() -> None:
-    listed = set(readme_rows())
-    assert listed - env_names() == set(), "README lists variables Settings does not have"
-    assert env_names() - listed == set(), "Settings has variables README does not list"
+    listed = set(generated_rows())
+    assert listed - env_names() == set(), "the table lists variables Settings does not have"
+    assert env_names() - listed == set(), "Settings has variables the table does not list"
 
 
 def test_every_variable_has_a_meaning() -> None:
-    for name, (_, meaning) in readme_rows().items():
+    for name, (_, meaning) in generated_rows().items():
         assert len(meaning) > 10, name
 
 
 @pytest.mark.parametrize("name", sorted(env_names()))
 def test_documented_default_is_the_real_default(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Setting the variable to the value the README shows changes nothing."""
-    default, _ = readme_rows()[name]
+    """Setting the variable to the value the table shows changes nothing."""
+    default, _ = generated_rows()[name]
     field = name.removeprefix("VLM_").lower()
     real = getattr(Settings(_env_file=None), field)
     if default == "unset":
@@ -61,7 +74,22 @@ def test_documented_default_is_the_real_default(name: str, monkeypatch: pytest.M
 
 
 def test_table_is_what_the_generator_writes() -> None:
-    text = README.read_text()
+    text = CONFIGURATION.read_text()
     assert settings_table.replace_block(text) == text, (
         "run: python scripts/settings_table.py --write"
     )
+
+
+def test_readme_defaults_are_the_generated_ones() -> None:
+    readme = table_rows(README.read_text())
+    assert readme, "README has no settings table"
+    generated = generated_rows()
+    for name, (default, _) in readme.items():
+        assert name in generated, name
+        assert default == generated[name][0], name
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_pages_name_only_real_settings(page: Path) -> None:
+    named = set(NAME.findall(page.read_text()))
+    assert named - env_names() - NOT_SETTINGS == set(), f"{page.name} names unknown settings"

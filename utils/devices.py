@@ -1,47 +1,21 @@
-"""OpenVINO devices: the /device routes and the start-up checks of VLM_DEVICE and
-VLM_OV_CONFIG.
-
-Every Core call blocks (the first one loads device plugins), so the routes run
-them in a thread. One Core is created lazily and reused; tests substitute a
-Core with `app.state.devices = DeviceService(core_factory)`.
-"""
+"""OpenVINO devices: names, the start-up checks of VLM_DEVICE and VLM_OV_CONFIG, and
+the properties the engine is compiled with. The /device routes are
+utils/api/devices.py's."""
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import logging
-import math
 import re
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
-
-from utils.errors import OpenAIError
 from utils.settings import Settings
-
-__all__ = [
-    "CoreLike",
-    "DeviceError",
-    "DeviceService",
-    "DeviceSpec",
-    "check_device",
-    "engine_properties",
-    "get_device_service",
-    "parse_device",
-    "router",
-    "validate_ov_config",
-]
 
 logger = logging.getLogger(__name__)
 
 VIRTUAL_DEVICES = ("AUTO", "HETERO", "MULTI", "BATCH")
 _PHYSICAL = re.compile(r"^[A-Z][A-Z0-9_]*(\.[0-9]+)?$")
-# Properties whose values describe the device rather than tune it.
-_MEMORY_PROPERTIES = ("GPU_DEVICE_TOTAL_MEM_SIZE", "NPU_DEVICE_TOTAL_MEM_SIZE")
 
 
 class CoreLike(Protocol):
@@ -57,7 +31,7 @@ class DeviceError(ValueError):
     """A device or OpenVINO property setting that cannot work on this machine."""
 
 
-def _default_core() -> CoreLike:
+def default_core() -> CoreLike:
     import openvino
 
     return openvino.Core()
@@ -105,7 +79,7 @@ def parse_device(device: str) -> DeviceSpec:
     return DeviceSpec(head, include, exclude)
 
 
-def _match(name: str, available: Iterable[str]) -> str | None:
+def match_device(name: str, available: Iterable[str]) -> str | None:
     """The available device that `name` means ("GPU" is "GPU.0" when GPUs are numbered,
     and "GPU.0" is "GPU" when there is a single one), or None."""
     available = list(available)
@@ -126,7 +100,7 @@ def resolve_device(device: str, available: list[str]) -> list[str]:
     Raises DeviceError naming what is available when a named device is missing.
     """
     spec = parse_device(device)
-    found = {name: _match(name, available) for name in spec.include}
+    found = {name: match_device(name, available) for name in spec.include}
     missing = [name for name, match in found.items() if match is None]
     if missing:
         raise DeviceError(
@@ -137,7 +111,7 @@ def resolve_device(device: str, available: list[str]) -> list[str]:
         )
     targets = [match for match in found.values() if match is not None]
     if spec.virtual == "AUTO" and not spec.include:
-        excluded = {_match(name, available) for name in spec.exclude}
+        excluded = {match_device(name, available) for name in spec.exclude}
         targets = [d for d in available if d not in excluded]
         if not targets:
             raise DeviceError(
@@ -191,7 +165,7 @@ def check_device(settings: Settings, core: CoreLike | None = None) -> list[str]:
     """Validate VLM_DEVICE against the machine and VLM_OV_CONFIG; return the
     devices the model may run on. Raises DeviceError with a readable message."""
     validate_ov_config(settings.ov_config)
-    core = core or _default_core()
+    core = core or default_core()
     available = list(core.available_devices)
     devices = resolve_device(settings.device, available)
     _warn_unknown_properties(settings.ov_config, devices, core)
@@ -247,168 +221,3 @@ def engine_properties(settings: Settings) -> dict[str, Any]:
 
 
 # --- describing devices ------------------------------------------------------
-
-
-def to_json(value: Any) -> Any:
-    """OpenVINO property values as JSON-safe values."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, bytes):
-        return value.hex()
-    if isinstance(value, dict):
-        return {str(to_json(k)): to_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [to_json(v) for v in value]
-        return sorted(items, key=str) if isinstance(value, (set, frozenset)) else items
-    if hasattr(value, "get_type_name"):  # openvino.Type, e.g. f32
-        return value.get_type_name()
-    name = getattr(value, "name", None)
-    if isinstance(name, str) and hasattr(value, "__int__"):  # pybind11 enums
-        return name if name.isidentifier() else int(value)
-    return str(value)
-
-
-class DeviceService:
-    """Device queries on one lazily created Core, run off the event loop."""
-
-    def __init__(self, core_factory: Callable[[], CoreLike] = _default_core) -> None:
-        self._factory = core_factory
-        self._core: CoreLike | None = None
-        self._lock = threading.Lock()
-
-    def core(self) -> CoreLike:
-        with self._lock:
-            if self._core is None:
-                self._core = self._factory()
-            return self._core
-
-    # Blocking helpers (call them in a thread).
-
-    def available(self) -> list[str]:
-        return list(self.core().available_devices)
-
-    def properties(self, name: str) -> dict[str, Any]:
-        """Every readable property of a device, as JSON-safe values."""
-        core = self.core()
-        supported = core.get_property(name, "SUPPORTED_PROPERTIES")
-        out: dict[str, Any] = {}
-        for prop in supported:
-            if prop == "SUPPORTED_PROPERTIES":
-                continue
-            mode = supported.get(prop) if isinstance(supported, dict) else None
-            if mode is not None and str(mode).upper() == "WO":
-                continue
-            try:
-                out[str(prop)] = to_json(core.get_property(name, prop))
-            except Exception as exc:  # some properties cannot be read outside a model
-                logger.debug("%s: cannot read %s: %s", name, prop, exc)
-        return out
-
-    def summary(self, name: str, properties: dict[str, Any] | None = None) -> dict[str, Any]:
-        props = properties if properties is not None else self.properties(name)
-        device_type = props.get("DEVICE_TYPE")
-        memory = {key: props[key] for key in _MEMORY_PROPERTIES if key in props}
-        return {
-            "name": name,
-            "full_name": props.get("FULL_DEVICE_NAME", name),
-            "type": device_type.lower() if isinstance(device_type, str) else device_type,
-            "architecture": props.get("DEVICE_ARCHITECTURE"),
-            "capabilities": props.get("OPTIMIZATION_CAPABILITIES", []),
-            "memory_bytes": next(iter(memory.values()), None),
-        }
-
-    def list_devices(self) -> list[dict[str, Any]]:
-        return [self.summary(name) for name in self.available()]
-
-    def describe(self, name: str) -> dict[str, Any]:
-        """Summary plus every readable property of one device."""
-        available = self.available()
-        found = _match(name.strip().upper(), available)
-        if found is None:
-            raise OpenAIError(
-                404,
-                f"Device {name!r} not found. Available devices: {', '.join(available) or 'none'}.",
-                param="device",
-                code="device_not_found",
-            )
-        props = self.properties(found)
-        return {**self.summary(found, props), "properties": props}
-
-    def targets(self, device: str) -> list[str]:
-        """Devices VLM_DEVICE resolves to here ([] when it does not resolve)."""
-        try:
-            return resolve_device(device, self.available())
-        except DeviceError:
-            return []
-
-
-def get_device_service(app: FastAPI) -> DeviceService:
-    service = getattr(app.state, "devices", None)
-    if service is None:
-        service = app.state.devices = DeviceService()
-    return service
-
-
-def _service(request: Request) -> DeviceService:
-    return get_device_service(request.app)
-
-
-Devices = Annotated[DeviceService, Depends(_service)]
-
-router = APIRouter(tags=["devices"])
-
-
-def _model_status(request: Request, targets: list[str]) -> dict[str, Any]:
-    settings: Settings = request.app.state.settings
-    engine = getattr(request.app.state, "engine", None)
-    return {
-        "name": settings.public_model_name,
-        "device": settings.device,
-        "devices": targets,
-        "loaded": engine is not None and bool(engine.ready),
-    }
-
-
-async def _describe(request: Request, devices: DeviceService, name: str) -> dict[str, Any]:
-    def work() -> tuple[dict[str, Any], list[str]]:
-        return devices.describe(name), devices.targets(request.app.state.settings.device)
-
-    described, targets = await asyncio.to_thread(work)
-    return {
-        "object": "device",
-        **described,
-        "active": described["name"] in targets,
-        "model": _model_status(request, targets),
-    }
-
-
-@router.get("/device")
-async def list_devices(request: Request, devices: Devices) -> dict[str, Any]:
-    """The OpenVINO devices on this machine and the one the model runs on."""
-
-    def work() -> tuple[list[dict[str, Any]], list[str]]:
-        return devices.list_devices(), devices.targets(request.app.state.settings.device)
-
-    listed, targets = await asyncio.to_thread(work)
-    data = [{"object": "device", **d, "active": d["name"] in targets} for d in listed]
-    return {"object": "list", "data": data, "model": _model_status(request, targets)}
-
-
-@router.get("/device/{name}")
-async def get_device(name: str, request: Request, devices: Devices) -> dict[str, Any]:
-    """One device: summary, every readable property, and whether the model runs on it."""
-    return await _describe(request, devices, name)
-
-
-@router.post("/device")
-async def post_device(
-    request: Request,
-    devices: Devices,
-    device: Annotated[str, Query(min_length=1, description="Device name, e.g. CPU or GPU.0")],
-) -> dict[str, Any]:
-    """Same as GET /device/{name}, with the name in the `device` query parameter."""
-    return await _describe(request, devices, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -69,19 +70,31 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return OpenAIError(400, message, param=param, code=code)
 
 
-def _loc_to_param(loc: tuple) -> str | None:
-    """('body', 'messages', 0, 'content') -> 'messages[0].content'."""
-    parts = [p for p in loc if p != "body"]
+_PART_TAGS = {"text", "image_url", "video_url", "video"}
+
+
+def loc_to_param(loc: tuple[Any, ...]) -> str:
+    """('body', 'messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')
+    -> 'messages[0].content[1].image_url.url': a pydantic error location as a client
+    names the field (FastAPI's `body` prefix and pydantic's union branches dropped)."""
     out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif "[" in str(p) or "-" in str(p) or str(p).startswith("function-"):
-            # pydantic's union-member tags (e.g. 'ImageURLPart') are noise to a client
+    previous: Any = None
+    for item in loc:
+        if item == "body" and not out:
             continue
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif (
+            "[" in item
+            or item in ("str", "list", "int", "bool", "float", "function-before", "function-after")
+            or item.startswith("function-")
+            or (isinstance(previous, int) and item in _PART_TAGS)
+        ):
+            pass
         else:
-            out += f".{p}" if out else str(p)
-    return out or None
+            out += f".{item}" if out else item
+        previous = item
+    return out
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -93,7 +106,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {}
-        param = _loc_to_param(tuple(first.get("loc", ())))
+        param = loc_to_param(tuple(first.get("loc", ()))) or None
         msg = first.get("msg", "Invalid request")
         if first.get("type") == "json_invalid":
             message, param = "The request body is not valid JSON.", None

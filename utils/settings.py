@@ -13,8 +13,6 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-EMBEDDED_PREFIX = "embedded/"
-
 
 def _split_csv(value: Any) -> Any:
     if isinstance(value, str):

@@ -1,6 +1,6 @@
 """The contract between the HTTP layer and the inference engine.
 
-Plain dataclasses, separate from the wire schema (utils/protocol.py) and free
+Plain dataclasses, separate from the wire schema (utils/api/protocol.py) and free
 of OpenVINO types, so they pickle cheaply across the engine process boundary.
 """
 
@@ -52,6 +52,7 @@ class GenerationEvent:
     completion_tokens: int  # tokens generated so far for this choice
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # prompt length with visual tokens, once known
+    visual_tokens: int = 0  # of prompt_tokens, those of images and videos, once known
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,11 @@ class Engine(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def pid(self) -> int | None:
+        """The engine process's id, when it runs in a process of its own."""
+        ...
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events for every choice until each has a finish_reason.

@@ -1,11 +1,5 @@
-"""Health, readiness, Prometheus metrics and JSON status.
-
-- `/health`: liveness, 200 while the process serves HTTP (no key needed);
-- `/ready`: 200 once the engine is loaded and warmed up, 503 (OpenAI error
-  body) while loading, restarting or after a failed load;
-- `/metrics`: Prometheus text from a registry owned by the app (several apps
-  in one process keep separate counts);
-- `/status` and `/queue`: JSON summaries.
+"""Prometheus metrics, in a registry owned by the app (several apps in one process
+keep separate counts); utils/api/health.py serves them at `/metrics`.
 
 The chat layer reports generations through `Metrics.track(events)`, which
 wraps an engine's event stream, or the lower-level `observe_ttft`,
@@ -16,27 +10,22 @@ wraps an engine's event stream, or the lower-level `observe_ttft`,
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from utils.errors import OpenAIError
-from utils.generation import GenerationEvent, GenerationRequest
-
-__all__ = ["Metrics", "MetricsMiddleware", "install_observability", "router", "track_generation"]
+from utils.api.state import AppState, app_state
+from utils.api.usage import UsageCounter
+from utils.engine.types import Engine, GenerationEvent, GenerationRequest
+from utils.media.cache import DecodedImageCache
 
 logger = logging.getLogger(__name__)
-
-router = APIRouter(tags=["observability"])
 
 _TTFT_BUCKETS = (0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 _TPOT_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
@@ -47,16 +36,16 @@ class _EngineCollector:
     """Metrics read from `engine.stats()` and the decoded-image cache when Prometheus
     scrapes."""
 
-    def __init__(self, app: FastAPI, metrics: Metrics) -> None:
-        self._app = app
+    def __init__(self, state: AppState, metrics: Metrics) -> None:
+        self._state = state
         self._metrics = metrics
 
     def describe(self) -> list[Metric]:
         return []  # collected lazily; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        engine = getattr(self._app.state, "engine", None)
-        stats = _engine_stats(engine)
+        engine = self._state.engine
+        stats = engine_stats(engine)
         ready = GaugeMetricFamily("vlm_engine_ready", "1 when the engine serves requests.")
         ready.add_metric([], 1.0 if engine is not None and engine.ready else 0.0)
         yield ready
@@ -87,13 +76,13 @@ class _EngineCollector:
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(stats.get(key, 0) or 0))
             yield counter
-        yield from _image_cache_metrics(getattr(self._app.state, "image_cache", None))
+        yield from _image_cache_metrics(self._state.image_cache)
         uptime = GaugeMetricFamily("vlm_uptime_seconds", "Seconds since the server started.")
         uptime.add_metric([], self._metrics.uptime_s)
         yield uptime
 
 
-def _image_cache_metrics(cache: Any) -> Iterator[Metric]:
+def _image_cache_metrics(cache: DecodedImageCache | None) -> Iterator[Metric]:
     hits = CounterMetricFamily("vlm_image_cache_hits", "Images taken from the decoded-image cache.")
     hits.add_metric([], float(cache.hits if cache else 0))
     misses = CounterMetricFamily(
@@ -108,7 +97,7 @@ def _image_cache_metrics(cache: Any) -> Iterator[Metric]:
 class Metrics:
     """Prometheus metrics of one app, in a registry of its own."""
 
-    def __init__(self, app: FastAPI | None = None) -> None:
+    def __init__(self, state: AppState | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.started = time.monotonic()
         r = self.registry
@@ -157,8 +146,8 @@ class Metrics:
         )
         # Plain totals for /status (reading Prometheus objects back is clumsy).
         self.totals = {"requests": 0, "generations": 0, "prompt_tokens": 0, "completion_tokens": 0}
-        if app is not None:
-            self.registry.register(_EngineCollector(app, self))  # type: ignore[arg-type]
+        if state is not None:
+            self.registry.register(_EngineCollector(state, self))
 
     @property
     def uptime_s(self) -> float:
@@ -201,8 +190,8 @@ class Metrics:
         self,
         events: AsyncIterator[GenerationEvent],
         *,
+        n: int = 1,
         started: float | None = None,
-        visual_tokens: int = 0,
     ) -> AsyncIterator[GenerationEvent]:
         """Pass `events` through, measuring TTFT, time per output token and tokens.
 
@@ -213,17 +202,14 @@ class Metrics:
         t0 = time.monotonic() if started is None else started
         first_token: float | None = None
         last_token = t0
-        prompt = 0
-        visual = visual_tokens
-        completion: dict[int, int] = {}
+        usage = UsageCounter(n)
         finish: dict[int, str] = {}
         try:
             async for event in events:
-                now = time.monotonic()
-                prompt = max(prompt, event.prompt_tokens)
-                visual = max(visual, getattr(event, "visual_tokens", 0) or 0)
-                if event.completion_tokens > completion.get(event.index, 0):
-                    completion[event.index] = event.completion_tokens
+                generated = usage.completion_tokens
+                usage.add(event)
+                if usage.completion_tokens > generated:
+                    now = time.monotonic()
                     if first_token is None:
                         first_token = now
                         self.observe_ttft(now - t0)
@@ -237,22 +223,20 @@ class Metrics:
                 if aclose is not None:
                     await aclose()
             finally:
-                self._record(first_token, last_token, prompt, visual, completion, finish)
+                self._record(first_token, last_token, usage, finish)
 
     def _record(
         self,
         first_token: float | None,
         last_token: float,
-        prompt: int,
-        visual: int,
-        completion: dict[int, int],
+        usage: UsageCounter,
         finish: dict[int, str],
     ) -> None:
-        longest = max(completion.values(), default=0)
+        longest = max(usage.completion, default=0)
         if first_token is not None and longest > 1:
             self.observe_tpot((last_token - first_token) / (longest - 1))
-        self.add_tokens(prompt, sum(completion.values()), visual=visual)
-        if prompt or completion or finish:  # admitted by the engine (not refused)
+        self.add_tokens(usage.prompt_tokens, usage.completion_tokens, visual=usage.visual_tokens)
+        if usage.prompt_tokens or usage.completion_tokens or finish:  # admitted, not refused
             reasons = set(finish.values())
             self.observe_generation(
                 "aborted" if not finish else reasons.pop() if len(reasons) == 1 else "mixed"
@@ -260,18 +244,21 @@ class Metrics:
 
 
 def track_generation(
-    request: Request, events: AsyncIterator[GenerationEvent], generation: GenerationRequest
+    state: AppState,
+    request: Request,
+    events: AsyncIterator[GenerationEvent],
+    generation: GenerationRequest,
 ) -> AsyncIterator[GenerationEvent]:
     """`events` measured into the app's metrics (unchanged when it has none).
 
     TTFT counts from the request's arrival, as `MetricsMiddleware` noted it.
     """
-    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    metrics = state.metrics
     if metrics is None:
         return events
     metrics.add_media(images=len(generation.images), videos=len(generation.videos))
     started = request.scope.get("state", {}).get("started")
-    return metrics.track(events, started=started)
+    return metrics.track(events, n=generation.params.n, started=started)
 
 
 class MetricsMiddleware:
@@ -332,7 +319,19 @@ def _match_template(routes: Any, scope: Scope, prefix: str = "") -> str | None:
     return None
 
 
-def _engine_stats(engine: Any) -> dict[str, Any]:
+def install_metrics(app: FastAPI) -> Metrics:
+    """Make the app's `Metrics` and count its requests.
+
+    Call after `install_security`: the counting middleware then sits outside
+    the key and body-size checks, so their 401 and 413 answers are counted.
+    """
+    metrics = Metrics(app_state(app))
+    app_state(app).metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
+    return metrics
+
+
+def engine_stats(engine: Engine | None) -> dict[str, float]:
     if engine is None:
         return {}
     try:
@@ -340,98 +339,3 @@ def _engine_stats(engine: Any) -> dict[str, Any]:
     except Exception:  # a dying engine must not break /metrics or /status
         logger.debug("engine.stats() failed", exc_info=True)
         return {}
-
-
-def _state(request: Request) -> str:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is not None:
-        return "ready" if engine.ready else "restarting"
-    loader = getattr(request.app.state, "loader", None)
-    if loader is not None and loader.done() and not loader.cancelled() and loader.exception():
-        return "failed"
-    return "loading"
-
-
-@router.get("/health", include_in_schema=True)
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@router.get("/ready", responses={503: {"description": "Loading, restarting or failed."}})
-async def ready(request: Request) -> JSONResponse:
-    state = _state(request)
-    if state == "ready":
-        return JSONResponse({"status": "ready"})
-    messages = {
-        "loading": "The model is loading; retry shortly.",
-        "restarting": "The engine is restarting; retry shortly.",
-        "failed": "The model failed to load; see the server log.",
-    }
-    raise OpenAIError(
-        503,
-        messages[state],
-        code=f"model_{state}",
-        headers={"Retry-After": "5"} if state != "failed" else None,
-    )
-
-
-@router.get("/metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-def _queue(request: Request) -> dict[str, Any]:
-    settings = request.app.state.settings
-    stats = _engine_stats(getattr(request.app.state, "engine", None))
-    return {
-        "queue_depth": int(stats.get("queue_depth", 0) or 0),
-        "running": int(stats.get("running", 0) or 0),
-        "max_queue": settings.max_queue,
-        "max_num_seqs": settings.max_num_seqs,
-    }
-
-
-@router.get("/queue")
-async def queue(request: Request) -> dict[str, Any]:
-    return _queue(request)
-
-
-@router.get("/status")
-async def status(request: Request) -> dict[str, Any]:
-    app_state = request.app.state
-    settings = app_state.settings
-    engine = getattr(app_state, "engine", None)
-    stats = _engine_stats(engine)
-    metrics: Metrics = app_state.metrics
-    info = getattr(engine, "info", None) if engine is not None else None
-    return {
-        "state": _state(request),
-        "model": settings.public_model_name,
-        "model_type": getattr(info, "model_type", None),
-        "max_context": getattr(info, "max_context", None),
-        "supports_video": getattr(info, "supports_video", None),
-        "device": settings.device,
-        "engine": settings.engine,
-        "uptime_s": round(metrics.uptime_s, 3),
-        "pid": os.getpid(),
-        "engine_pid": getattr(engine, "pid", None),
-        "queue": _queue(request),
-        "generations_served": int(stats.get("generations_served", 0) or 0),
-        "engine_restarts": int(stats.get("restarts", 0) or 0),
-        "kv_cache_usage": float(stats.get("kv_cache_usage", 0.0) or 0.0),
-        "totals": dict(metrics.totals),
-    }
-
-
-def install_observability(app: FastAPI) -> Metrics:
-    """Create `app.state.metrics`, count requests and add the routes above.
-
-    Call after `install_security`: the counting middleware then sits outside
-    the key and body-size checks, so their 401 and 413 answers are counted.
-    """
-    metrics = Metrics(app)
-    app.state.metrics = metrics
-    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=app.router.routes)
-    app.include_router(router)
-    return metrics

@@ -1,14 +1,14 @@
 """Wire schema of the chat completions API, mirroring OpenAI's.
 
 Unknown fields are accepted and ignored on purpose (clients send vendor
-extensions); fields the server cannot honour are refused by
-`ChatCompletionRequest.unsupported_param` with a 400 naming the field.
+extensions); fields the server cannot honour are named by
+`ChatCompletionRequest.unsupported_param`, which utils/api/validation.py turns into a
+400 naming the field.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -17,12 +17,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from utils.errors import OpenAIError, bad_request
+from utils.api.json_schema import check_json_schema
 
 __all__ = [
     "ChatCompletion",
@@ -35,9 +34,8 @@ __all__ = [
     "Usage",
     "VideoPart",
     "VideoURLPart",
-    "check_json_schema",
+    "is_media",
     "parse_max_pixels",
-    "parse_request",
 ]
 
 _MAX_PIXELS_LIMIT = 1 << 40
@@ -141,6 +139,13 @@ class VideoPart(_VideoOptions):
     video: list[Annotated[str, Field(min_length=1)]] | str = Field(min_length=1)
 
 
+MediaPart = ImageURLPart | VideoURLPart | VideoPart
+
+
+def is_media(part: object) -> bool:
+    return isinstance(part, MediaPart)
+
+
 ContentPart = Annotated[
     TextPart | ImageURLPart | VideoURLPart | VideoPart,
     Field(discriminator="type"),
@@ -148,7 +153,8 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Model):
-    role: Literal["system", "developer", "user", "assistant"]
+    # tool and function messages parse, so that validation can refuse them by name
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -164,179 +170,6 @@ class ChatMessage(_Model):
 
 class StreamOptions(_Model):
     include_usage: bool = False
-
-
-_JSON_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_ONE = (
-    "additionalProperties",
-    "additionalItems",
-    "not",
-    "contains",
-    "propertyNames",
-    "if",
-    "then",
-    "else",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-)
-_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_COUNTS = (
-    "minLength",
-    "maxLength",
-    "minItems",
-    "maxItems",
-    "minProperties",
-    "maxProperties",
-    "minContains",
-    "maxContains",
-)
-_BOUNDS = (
-    ("minLength", "maxLength"),
-    ("minItems", "maxItems"),
-    ("minProperties", "maxProperties"),
-    ("minimum", "maximum"),
-)
-_MAX_SCHEMA_NODES = 5000
-_MAX_SCHEMA_DEPTH = 64
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_json_schema(schema: Any) -> None:
-    """Refuse a JSON schema the structured-output grammar cannot be built from.
-
-    A structural check (types, references, bounds, regular expressions), so a
-    malformed schema is a 400 naming the spot instead of a failed generation.
-    """
-    nodes = 0
-
-    def resolve(ref: str, where: str) -> None:
-        if not ref.startswith("#"):
-            raise ValueError(f"{where}: only local references ('#/...') are supported")
-        node: Any = schema
-        for token in ref[1:].split("/")[1:] if ref != "#" else []:
-            token = token.replace("~1", "/").replace("~0", "~")
-            if isinstance(node, dict) and token in node:
-                node = node[token]
-            elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
-                node = node[int(token)]
-            else:
-                raise ValueError(f"{where}: the reference '{ref}' does not resolve")
-        if not isinstance(node, dict | bool):
-            raise ValueError(f"{where}: the reference '{ref}' is not a schema")
-
-    def walk(node: Any, where: str, depth: int) -> None:
-        nonlocal nodes
-        nodes += 1
-        if nodes > _MAX_SCHEMA_NODES or depth > _MAX_SCHEMA_DEPTH:
-            raise ValueError("the schema is too large or too deeply nested")
-        if isinstance(node, bool):
-            return
-        if not isinstance(node, dict):
-            raise ValueError(f"{where}: a schema must be an object or a boolean")
-        kind = node.get("type")
-        if kind is not None:
-            kinds = kind if isinstance(kind, list) else [kind]
-            if not kinds or any(not isinstance(k, str) or k not in _JSON_TYPES for k in kinds):
-                raise ValueError(f"{where}.type: {kind!r} is not a JSON schema type")
-        ref = node.get("$ref")
-        if ref is not None:
-            if not isinstance(ref, str):
-                raise ValueError(f"{where}.$ref must be a string")
-            resolve(ref, f"{where}.$ref")
-        for key in _SCHEMA_MAPS:
-            if key in node:
-                children = node[key]
-                if not isinstance(children, dict):
-                    raise ValueError(f"{where}.{key} must be an object")
-                for name, child in children.items():
-                    if key == "patternProperties":
-                        _check_regex(name, f"{where}.{key}")
-                    walk(child, f"{where}.{key}.{name}", depth + 1)
-        for key in _SCHEMA_ONE:
-            if key in node:
-                walk(node[key], f"{where}.{key}", depth + 1)
-        if "items" in node:
-            items = node["items"]
-            for k, child in enumerate(items) if isinstance(items, list) else [(None, items)]:
-                walk(child, f"{where}.items" + ("" if k is None else f"[{k}]"), depth + 1)
-        for key in _SCHEMA_LISTS:
-            if key in node:
-                children = node[key]
-                if not isinstance(children, list) or not children:
-                    raise ValueError(f"{where}.{key} must be a non-empty list of schemas")
-                for k, child in enumerate(children):
-                    walk(child, f"{where}.{key}[{k}]", depth + 1)
-        if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
-            raise ValueError(f"{where}.enum must be a non-empty list")
-        required = node.get("required")
-        if required is not None and (
-            not isinstance(required, list) or not all(isinstance(r, str) for r in required)
-        ):
-            raise ValueError(f"{where}.required must be a list of property names")
-        for key in _COUNTS:
-            value = node.get(key)
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 0
-            ):
-                raise ValueError(f"{where}.{key} must be a non-negative integer")
-        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"):
-            if key in node and not _is_number(node[key]):
-                raise ValueError(f"{where}.{key} must be a number")
-        if "multipleOf" in node and node["multipleOf"] <= 0:
-            raise ValueError(f"{where}.multipleOf must be positive")
-        for low, high in _BOUNDS:
-            if _is_number(node.get(low)) and _is_number(node.get(high)) and node[low] > node[high]:
-                raise ValueError(f"{where}: {low} is larger than {high}")
-        if _empty_range(node):
-            raise ValueError(f"{where}: no number fits the minimum and maximum")
-        if "pattern" in node:
-            _check_regex(node["pattern"], f"{where}.pattern")
-        if "format" in node and not isinstance(node["format"], str):
-            raise ValueError(f"{where}.format must be a string")
-
-    walk(schema, "schema", 0)
-
-
-def _empty_range(node: dict[str, Any]) -> bool:
-    """Whether the numeric bounds of `node` admit no value."""
-    bounds = {
-        k: node.get(k) for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
-    }
-    if not any(_is_number(v) for v in bounds.values()):
-        return False
-    if node.get("type") == "integer":
-        lows = [math.ceil(bounds["minimum"])] if _is_number(bounds["minimum"]) else []
-        if _is_number(bounds["exclusiveMinimum"]):
-            lows.append(math.floor(bounds["exclusiveMinimum"]) + 1)
-        highs = [math.floor(bounds["maximum"])] if _is_number(bounds["maximum"]) else []
-        if _is_number(bounds["exclusiveMaximum"]):
-            highs.append(math.ceil(bounds["exclusiveMaximum"]) - 1)
-        return bool(lows and highs) and max(lows) > min(highs)
-    for low_key, low_open in (("minimum", False), ("exclusiveMinimum", True)):
-        for high_key, high_open in (("maximum", False), ("exclusiveMaximum", True)):
-            low, high = bounds[low_key], bounds[high_key]
-            if (
-                _is_number(low)
-                and _is_number(high)
-                and (low > high or (low == high and (low_open or high_open)))
-            ):
-                return True
-    return False
-
-
-def _check_regex(pattern: Any, where: str) -> None:
-    if not isinstance(pattern, str):
-        raise ValueError(f"{where} must be a string")
-    try:
-        re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"{where}: invalid regular expression ({exc})") from None
-    if re.search(r"\(\?[=!]|\(\?<[=!]|\(\?P=|\\[1-9]|\\k<", pattern):
-        raise ValueError(f"{where}: lookarounds and backreferences are not supported")
 
 
 class JSONSchemaFormat(_Model):
@@ -402,21 +235,6 @@ class ChatCompletionRequest(_Model):
     prediction: Any = None
     web_search_options: Any = None
 
-    @field_validator("messages", mode="before")
-    @classmethod
-    def _refuse_tool_roles(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for i, message in enumerate(value):
-                role = message.get("role") if isinstance(message, dict) else None
-                if role in ("tool", "function"):
-                    raise bad_request(
-                        f"messages[{i}]: the '{role}' role is not supported "
-                        "(this server does not support tool calling).",
-                        param=f"messages[{i}].role",
-                        code="unsupported_parameter",
-                    )
-        return value
-
     @field_validator("stop")
     @classmethod
     def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -474,58 +292,6 @@ class ChatCompletionRequest(_Model):
         assert fmt.json_schema is not None
         schema = fmt.json_schema.schema_
         return json.dumps({"type": "object"} if schema is None else schema)
-
-
-_PART_TAGS = {"text", "image_url", "video_url", "video"}
-
-
-def _loc_to_param(loc: tuple[Any, ...]) -> str:
-    """('messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')
-    -> 'messages[0].content[1].image_url.url' (drops pydantic's union branch names)."""
-    out = ""
-    previous: Any = None
-    for item in loc:
-        if isinstance(item, int):
-            out += f"[{item}]"
-        elif (
-            "[" in item
-            or item in ("str", "list", "int", "bool", "float", "function-before", "function-after")
-            or item.startswith("function-")
-            or (isinstance(previous, int) and item in _PART_TAGS)
-        ):
-            pass
-        else:
-            out += f".{item}" if out else item
-        previous = item
-    return out
-
-
-def _depth(error: dict[str, Any]) -> int:
-    return len(error.get("loc", ()))
-
-
-def parse_request(body: Any) -> ChatCompletionRequest:
-    """Validate a decoded JSON body; every problem becomes a 400 naming the field."""
-    if not isinstance(body, dict):
-        raise bad_request("The request body must be a JSON object.")
-    try:
-        return ChatCompletionRequest.model_validate(body)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
-        # The deepest error is the most specific (for `content` the `str` branch
-        # error is noise when a list was sent).
-        first = max(errors, key=_depth) if errors else {}
-        param = _loc_to_param(tuple(first.get("loc", ()))) or None
-        msg = str(first.get("msg", "invalid value"))
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if first.get("type") == "missing":
-            message = f"Missing required parameter: '{param}'."
-        elif param:
-            message = f"Invalid value for '{param}': {msg}"
-        else:
-            message = f"Invalid request: {msg}"
-        raise OpenAIError(400, message, param=param, code="invalid_value") from None
 
 
 # --- responses --------------------------------------------------------------

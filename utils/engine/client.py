@@ -1,16 +1,10 @@
-"""The API process's side of the engine: a client of the worker process.
+"""The API process's side of the engine: a client of the engine process.
 
-`EngineClient` spawns utils/engine_worker.py in its own process (the OpenVINO
+`EngineClient` spawns utils/engine/worker.py in its own process (the OpenVINO
 pipeline holds the GIL while it steps) and talks to it over one duplex
-`multiprocessing` pipe:
-
-- requests and aborts are written from the event loop when the pipe takes them
-  whole at once; large ones (images and videos over 1 MiB), and whatever a full pipe
-  holds back, go through a writer thread that pickles and waits for the pipe off the
-  event loop;
-- the event loop reads the pipe itself (`add_reader`): one message per scheduler
-  step holds the outputs of every running request, fanned out to per-request
-  asyncio queues with no thread hop in between.
+`multiprocessing` pipe (utils/engine/session.py) with the typed messages of
+utils/engine/messages.py. One message per scheduler step holds the outputs of every
+running request, fanned out here to per-request asyncio queues.
 
 If the worker dies, every request in flight gets an `OpenAIError(500)` at once,
 `ready` turns False and the worker is restarted (with backoff) by itself.
@@ -23,57 +17,47 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
-import os
-import queue
-import socket
-import struct
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Any
 
-from utils import engine_worker
 from utils.devices import engine_properties
+from utils.engine import worker
+from utils.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    StepOutputs,
+    StopEngine,
+    WorkerConfig,
+)
+from utils.engine.model_config import ModelConfig
+from utils.engine.session import Session
+from utils.engine.types import GenerationEvent, GenerationRequest, ModelInfo
 from utils.errors import OpenAIError
-from utils.generation import GenerationEvent, GenerationRequest, ModelInfo
 from utils.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0
-# Messages up to this size are pickled and sent from the event loop (a request with
-# a few images); larger ones are pickled and sent by the writer thread.
-DIRECT_SEND_BYTES = 1 << 20
 STOP_TIMEOUT_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 
 
-def _payload_bytes(message: tuple) -> int:
-    """Bytes of the images and videos in a message (nothing else in one is large)."""
-    if message[0] != "add":
-        return 0
-    request: GenerationRequest = message[2]
-    return sum(a.nbytes for a in request.images) + sum(a.nbytes for a in request.videos)
-
-
-def model_info(settings: Settings, model_dir: Path) -> ModelInfo:
-    config = engine_worker.read_model_config(model_dir)
-    model_type = engine_worker.model_type_of(config)
+def model_info(settings: Settings, model_dir: Path, model: ModelConfig) -> ModelInfo:
     return ModelInfo(
         name=settings.public_model_name,
-        model_type=model_type,
+        model_type=model.model_type,
         path=str(model_dir),
-        supports_video=engine_worker.supports_video(model_type),
-        max_context=engine_worker.max_context_of(config),
+        supports_video=model.supports_video,
+        max_context=model.max_context,
     )
 
 
-def worker_config(settings: Settings, model_dir: Path) -> engine_worker.WorkerConfig:
-    return engine_worker.WorkerConfig(
+def worker_config(settings: Settings, model_dir: Path, model: ModelConfig) -> WorkerConfig:
+    return WorkerConfig(
         model_dir=str(model_dir),
+        model=model,
         device=settings.device,
         engine=settings.engine,
         ov_config=engine_properties(settings),
@@ -95,123 +79,16 @@ class _Request:
     started: bool = False  # first token seen
 
 
-class _Session:
-    """One incarnation of the worker process, its pipe and the thread that writes to it."""
-
-    def __init__(self, client: EngineClient, process: Any, conn: Any) -> None:
-        self.client = client
-        self.process = process
-        self.conn = conn
-        # The same socket, for sends that must not block (the pipe is a socket pair).
-        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
-        self.outbox: queue.SimpleQueue[tuple | bytes | None] = queue.SimpleQueue()
-        self.queued = 0  # messages handed to the writer thread and not written yet
-        self.lock = threading.Lock()
-        self.alive = True
-        self.exit_reason = "the engine process exited"
-        self.ready: asyncio.Future[dict] = client._loop.create_future()
-        self.writer = threading.Thread(target=self._write, name="engine-writer", daemon=True)
-
-    def start(self) -> None:
-        self.client._loop.add_reader(self.conn.fileno(), self._read)
-        # uvloop makes a polled descriptor non-blocking; the pipe's messages must be
-        # read and written whole (a partial write would cut the stream).
-        os.set_blocking(self.conn.fileno(), True)
-        self.writer.start()
-
-    def send(self, message: tuple) -> None:
-        """Sends `message` from the event loop when the pipe takes all of it at once
-        (the usual case: waking the writer thread would cost more than the write).
-        Large messages, the rest of a partial write and every message behind them go
-        through the writer thread, in order."""
-        if not self.alive:
-            return
-        if _payload_bytes(message) > DIRECT_SEND_BYTES:
-            item: tuple | bytes = message  # pickled by the writer thread
-        else:
-            data = ForkingPickler.dumps(message)
-            item = struct.pack("!i", len(data)) + data  # multiprocessing's framing
-        with self.lock:
-            if not self.queued and isinstance(item, bytes):
-                try:
-                    sent = self.sock.send(item, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    return  # the worker is gone: the reader reports it
-                if sent == len(item):
-                    return
-                item = item[sent:]
-            self.queued += 1
-        self.outbox.put(item)
-
-    def _write(self) -> None:
-        while True:
-            item = self.outbox.get()
-            if item is None:
-                return
-            try:
-                if isinstance(item, bytes):
-                    self.sock.sendall(item)
-                else:
-                    self.conn.send(item)
-            except (OSError, ValueError, EOFError):
-                return
-            with self.lock:
-                self.queued -= 1
-
-    def _read(self) -> None:
-        """Runs on the event loop whenever the pipe is readable. The worker writes each
-        message in one go from its main thread, so `recv` never waits long on a
-        message that is only partly written."""
-        while self.alive and self.conn.poll():
-            try:
-                message = self.conn.recv()
-            except (EOFError, OSError):
-                self.client._on_exit(self, self.exit_reason)
-                return
-            except Exception as exc:  # a message that does not unpickle
-                self.client._on_exit(self, f"bad message from the engine: {exc}")
-                return
-            kind = message[0]
-            if kind == "step":
-                self.client._dispatch(self, message)
-            elif kind == "ready":
-                self._resolve(message[1], None)
-            elif kind == "fatal":
-                self.exit_reason = message[1]
-                self._resolve(None, self.exit_reason)
-
-    def _resolve(self, info: dict | None, error: str | None) -> None:
-        if self.ready.done():
-            return
-        if error is None:
-            self.ready.set_result(info or {})
-        else:
-            self.ready.set_exception(RuntimeError(error))
-
-    def close(self) -> None:
-        """Stops reading and writing; on the event loop only."""
-        if not self.alive:
-            return
-        self.alive = False
-        self.client._loop.remove_reader(self.conn.fileno())
-        self.outbox.put(None)
-        with contextlib.suppress(OSError):
-            self.conn.close()
-        self.sock.close()
-
-
 class EngineClient:
     """Implements utils.generation.Engine with the worker process behind it."""
 
     def __init__(self, settings: Settings, model_dir: Path | str) -> None:
         self._settings = settings
         self._model_dir = Path(model_dir)
-        self._info = model_info(settings, self._model_dir)
+        self._model = ModelConfig.read(self._model_dir)
+        self._info = model_info(settings, self._model_dir, self._model)
         self._ctx = multiprocessing.get_context("spawn")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._requests: dict[int, _Request] = {}
         self._ids = itertools.count(1)
         self._ready = False
@@ -268,7 +145,6 @@ class EngineClient:
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
         """Spawns the worker; returns once the model is loaded and warmed up."""
-        self._loop = asyncio.get_running_loop()
         self._stopping = False
         await self._spawn()
         self._watch_task = asyncio.create_task(self._watch())
@@ -284,12 +160,12 @@ class EngineClient:
         session, self._session = self._session, None
         self._fail_all(OpenAIError(503, "The server is shutting down.", code="shutting_down"))
         if session is not None:
-            session.send(("stop",))
+            session.send(StopEngine())
             await asyncio.to_thread(self._reap, session)
             session.close()
 
     @staticmethod
-    def _reap(session: _Session) -> None:
+    def _reap(session: Session) -> None:
         session.process.join(STOP_TIMEOUT_S)
         if session.process.is_alive():
             session.process.terminate()
@@ -301,25 +177,25 @@ class EngineClient:
     async def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=engine_worker.main,
-            args=(child, worker_config(self._settings, self._model_dir)),
+            target=worker.main,
+            args=(child, worker_config(self._settings, self._model_dir, self._model)),
             name="vlm-engine",
             daemon=True,
         )
         await asyncio.to_thread(process.start)
         child.close()
-        session = _Session(self, process, parent)
+        session = Session(self, asyncio.get_running_loop(), process, parent)
         self._session = session
         session.start()
         try:
-            info = await asyncio.wait_for(session.ready, READY_TIMEOUT_S)
+            ready = await asyncio.wait_for(session.ready, READY_TIMEOUT_S)
         except BaseException:
             if self._session is session:
                 self._session = None
             session.close()
             await asyncio.to_thread(self._reap, session)
             raise
-        self._backend = info.get("backend", "")
+        self._backend = ready.backend
         self._ready = True
         logger.info("engine ready (%s, pid %s)", self._backend, process.pid)
 
@@ -329,12 +205,13 @@ class EngineClient:
             await asyncio.sleep(1.0)
             session = self._session
             if session is not None and session.alive and not session.process.is_alive():
-                self._on_exit(session, "the engine process exited")
+                self.on_exit(session, "the engine process exited")
 
-    def _on_exit(self, session: _Session, reason: str) -> None:
+    def on_exit(self, session: Session, reason: str) -> None:
+        """The session's process died or its pipe broke: fail its requests, restart."""
         if not session.alive and self._session is not session:
             return
-        session._resolve(None, reason)
+        session.resolve(None, reason)
         session.close()
         if self._session is not session:
             return
@@ -353,7 +230,7 @@ class EngineClient:
         if self._restart_task is None and self._backend:
             self._restart_task = asyncio.create_task(self._restart(session))
 
-    async def _restart(self, dead: _Session) -> None:
+    async def _restart(self, dead: Session) -> None:
         delay = 1.0
         await asyncio.to_thread(self._reap, dead)
         try:
@@ -378,23 +255,38 @@ class EngineClient:
             request.queue.put_nowait(error)
 
     # ------------------------------------------------------------- streaming
-    def _dispatch(self, session: _Session, message: tuple) -> None:
+    def on_step(self, session: Session, outputs: StepOutputs) -> None:
+        """Fans one step's outputs out to the requests' queues."""
         if session is not self._session:
             return
-        _, events, errors, stats = message
-        self._running, self._waiting, self._kv_usage, step_s, overhead_s = stats
-        self._pipeline_seconds, self._overhead_seconds = step_s, overhead_s
+        stats = outputs.stats
+        self._running, self._waiting, self._kv_usage = (
+            stats.running,
+            stats.waiting,
+            stats.kv_cache_usage,
+        )
+        self._pipeline_seconds, self._overhead_seconds = (
+            stats.pipeline_seconds,
+            stats.overhead_seconds,
+        )
         requests = self._requests
-        for rid, index, text, tokens, finish, prompt_tokens in events:
-            request = requests.get(rid)
+        for event in outputs.events:
+            request = requests.get(event.rid)
             if request is not None:
                 request.queue.put_nowait(
-                    GenerationEvent(index, text, tokens, finish, prompt_tokens)
+                    GenerationEvent(
+                        event.index,
+                        event.text,
+                        event.completion_tokens,
+                        event.finish_reason,
+                        event.prompt_tokens,
+                        event.visual_tokens,
+                    )
                 )
-        for rid, status, text, code in errors:
-            request = requests.pop(rid, None)
+        for error in outputs.errors:
+            request = requests.pop(error.rid, None)
             if request is not None:
-                request.queue.put_nowait(OpenAIError(status, text, code=code))
+                request.queue.put_nowait(OpenAIError(error.status, error.message, code=error.code))
 
     def _expire(self, rid: int) -> None:
         request = self._requests.pop(rid, None)
@@ -408,7 +300,7 @@ class EngineClient:
             )
         )
         if self._session is not None:
-            self._session.send(("abort", rid))
+            self._session.send(AbortRequest(rid))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Streams the events of every choice until each has a finish_reason.
@@ -438,7 +330,7 @@ class EngineClient:
         rid = next(self._ids)
         pending = _Request(rid, request.params.n)
         self._requests[rid] = pending
-        session.send(("add", rid, request))
+        session.send(AddRequest(rid, request))
         timer = loop.call_at(loop.time() + self._settings.request_timeout_s, self._expire, rid)
         remaining = request.params.n
         finished = False
@@ -465,6 +357,7 @@ class EngineClient:
                         carry.completion_tokens,
                         carry.finish_reason,
                         carry.prompt_tokens,
+                        max(item.visual_tokens, carry.visual_tokens),
                     )
                     carry = None
                 if item.finish_reason is not None:
@@ -475,4 +368,4 @@ class EngineClient:
         finally:
             timer.cancel()
             if self._requests.pop(rid, None) is not None and not finished:
-                session.send(("abort", rid))
+                session.send(AbortRequest(rid))

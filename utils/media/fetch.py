@@ -4,15 +4,10 @@
 
 - schemes: `http`, `https`, `data` (base64 or percent-encoded) and `file` only
   under `settings.media_local_dir`;
-- server-side request forgery guard: every host is resolved off the event loop
-  and refused when any of its addresses is loopback, private, link-local,
-  CGNAT, unique-local, unspecified, multicast, reserved, a cloud metadata
-  address, or an IPv6 form embedding one of those (IPv4-mapped, IPv4-compatible,
-  NAT64, 6to4, Teredo), unless `media_allow_private_networks` is set (metadata
-  addresses stay refused even then);
-- the connection goes to the address that was checked (no DNS rebinding): the
-  check lives in the network backend that opens the socket, while the Host
-  header and TLS SNI/certificate verification use the URL's hostname;
+- server-side request forgery guard (utils/media/guard.py): every host is
+  resolved and each of its addresses checked before connecting, and the
+  connection goes to the checked address; private networks are refused unless
+  `media_allow_private_networks` is set (cloud metadata addresses always are);
 - redirects are followed by hand (at most `MAX_REDIRECTS`), each hop checked
   again (scheme, domain allow-list, addresses);
 - connect timeout and a total timeout for the whole fetch, redirects included;
@@ -30,28 +25,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import ipaddress
 import logging
 import os
-import socket
 import ssl
 import stat
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
-import httpcore
 import httpx
 
 from utils.errors import OpenAIError
+from utils.media.guard import GuardedTransport, Refused, Resolver
 from utils.settings import Settings
 
 __all__ = [
     "MAX_REDIRECTS",
     "MediaBudget",
     "MediaFetcher",
-    "is_blocked_address",
+    "MediaKind",
     "redact_url",
 ]
 
@@ -59,28 +52,10 @@ logger = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 MediaKind = Literal["image", "video"]
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _CHUNK = 64 * 1024
 _URL_SHOWN = 120  # characters of a URL echoed in messages
-
-# Cloud metadata endpoints: refused even when private networks are allowed.
-_METADATA = frozenset(
-    ipaddress.ip_address(a)
-    for a in (
-        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, ...
-        "169.254.170.2",  # AWS ECS task metadata
-        "fd00:ec2::254",  # AWS IPv6
-        "100.100.100.200",  # Alibaba Cloud
-        "168.63.129.16",  # Azure wire server
-        "192.0.0.192",  # Oracle Cloud
-    )
-)
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
-_V4_COMPAT = ipaddress.ip_network("::/96")
 
 
 class MediaBudget:
@@ -109,14 +84,6 @@ class MediaBudget:
         self.used += size
 
 
-class _Refused(Exception):
-    """Raised inside the network backend; becomes a 400 naming the URL."""
-
-    def __init__(self, message: str, *, blocked: bool = True) -> None:
-        super().__init__(message)
-        self.blocked = blocked
-
-
 def _too_large(what: str, limit: int, setting: str) -> OpenAIError:
     return OpenAIError(
         413,
@@ -141,134 +108,6 @@ def redact_url(url: str) -> str:
     except ValueError:
         pass
     return url if len(url) <= _URL_SHOWN else url[:_URL_SHOWN] + "..."
-
-
-def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if ip in _NAT64 or (ip in _V4_COMPAT and int(ip) > 1):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    return None
-
-
-def is_blocked_address(ip: IPAddress, *, allow_private: bool = False) -> str | None:
-    """Why `ip` may not be fetched from, or None when it may."""
-    if ip in _METADATA:
-        return "a cloud metadata address"
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id:
-            ip = ipaddress.IPv6Address(ip.compressed.split("%")[0])
-        inner = _embedded_v4(ip)
-        if inner is not None:
-            reason = is_blocked_address(inner, allow_private=allow_private)
-            return f"an IPv6 form of {inner} ({reason})" if reason else None
-        if ip in _NAT64_LOCAL or ip.teredo is not None:
-            return None if allow_private else "a tunnelled IPv6 address"
-    if allow_private:
-        return None
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.is_private:
-        return "a private address"
-    if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.IPv4Network("100.64.0.0/10"):
-        return "a shared (CGNAT) address"
-    if ip.is_reserved or not ip.is_global:
-        return "a reserved address"
-    return None
-
-
-async def _system_resolver(host: str, port: int) -> list[str]:
-    infos = await asyncio.get_running_loop().getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-    )
-    return [str(info[4][0]) for info in infos]
-
-
-class _GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves, checks every address, then connects to a checked address.
-
-    httpcore performs TLS afterwards with the URL's hostname as SNI and for
-    certificate verification, so pinning the IP here keeps both intact.
-    """
-
-    def __init__(
-        self,
-        *,
-        allow_private: bool,
-        trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
-        resolver: Resolver,
-    ) -> None:
-        self._inner = httpcore.AnyIOBackend()
-        self._allow_private = allow_private
-        self._trusted = trusted
-        self._resolver = resolver
-
-    def _why_blocked(self, ip: IPAddress) -> str | None:
-        if any(ip.version == net.version and ip in net for net in self._trusted):
-            return None
-        return is_blocked_address(ip, allow_private=self._allow_private)
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            addresses = await asyncio.wait_for(self._resolver(host, port), timeout)
-        except asyncio.TimeoutError as exc:  # before OSError: TimeoutError is one
-            raise _Refused(f"resolving its host '{host}' timed out", blocked=False) from exc
-        except (OSError, UnicodeError) as exc:
-            raise _Refused(f"its host '{host}' could not be resolved", blocked=False) from exc
-        if not 0 < port < 65536:
-            raise _Refused(f"its port {port} is not valid", blocked=False)
-        ips: list[IPAddress] = []
-        for address in dict.fromkeys(addresses):
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                raise _Refused(f"its host '{host}' resolves to an invalid address") from None
-            reason = self._why_blocked(ip)
-            if reason:
-                # One bad address refuses the host: a resolver answering both a
-                # public and a private address must not get a second chance.
-                raise _Refused(f"its host '{host}' resolves to {reason}")
-            ips.append(ip)
-        if not ips:
-            raise _Refused(f"its host '{host}' has no address")
-        last: Exception | None = None
-        for ip in ips:
-            try:
-                return await self._inner.connect_tcp(
-                    str(ip), port, timeout, local_address, socket_options
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-            except Exception as exc:  # e.g. anyio's exception groups, OverflowError
-                last = httpcore.ConnectError(str(exc))
-        assert last is not None
-        raise last
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise _Refused("unix sockets are not allowed")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 class MediaFetcher:
@@ -297,23 +136,11 @@ class MediaFetcher:
         self._local_dir = (
             Path(settings.media_local_dir).resolve() if settings.media_local_dir else None
         )
-        transport = httpx.AsyncHTTPTransport(
-            verify=ssl_context if ssl_context is not None else True,
-            trust_env=False,
-            retries=0,
-        )
-        # Swap the transport's connection pool for one whose network backend
-        # performs the address checks (same settings, guarded backend).
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=transport._pool._ssl_context,
-            max_connections=32,
-            max_keepalive_connections=8,
-            keepalive_expiry=30.0,
-            network_backend=_GuardedBackend(
-                allow_private=settings.media_allow_private_networks,
-                trusted=tuple(ipaddress.ip_network(n, strict=False) for n in trusted_networks),
-                resolver=resolver or _system_resolver,
-            ),
+        transport = GuardedTransport(
+            allow_private=settings.media_allow_private_networks,
+            trusted_networks=trusted_networks,
+            resolver=resolver,
+            ssl_context=ssl_context,
         )
         self._client = httpx.AsyncClient(
             transport=transport,
@@ -509,7 +336,7 @@ class MediaFetcher:
                     if not size:
                         raise _bad_url(url, kind, "returned no data")
                     return b"".join(chunks)
-            except _Refused as exc:
+            except Refused as exc:
                 hop = "" if current == url else f" (redirected to {redact_url(current)})"
                 if exc.blocked:
                     why, code = f"is not allowed{hop}: {exc}", "media_url_refused"

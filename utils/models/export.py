@@ -17,16 +17,14 @@ the weights with NNCF.
 - Clear failures: `ModelExportError` says which model failed and what to set.
 
 Models named `embedded/...` are random-weight models built offline by
-`utils.tiny_models` and exported the same way.
+`utils.models.tiny` and exported the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -40,37 +38,43 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from utils.settings import Settings
 
+from utils.models.hub import (
+    NO_EXPORT_TOOLS,
+    ModelExportError,
+    cached_snapshot,
+    download_model,
+    hub_error,
+)
+from utils.models.manifest import (
+    REQUIRED_FILES,
+    check_export,
+    file_lock,
+    prebuilt_ir,
+    write_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "export_manifest.json"
-MANIFEST_VERSION = 1
-TASK = "image-text-to-text"
-# Files every usable export has (the manifest lists every file with its size).
-REQUIRED_FILES = (
-    "openvino_language_model.xml",
-    "openvino_language_model.bin",
-    "openvino_tokenizer.xml",
-    "openvino_detokenizer.xml",
-    "config.json",
-)
 
 WeightFormat = Literal["int4", "int8", "fp16"]
 
-EMBEDDED_PREFIX = "embedded/"
-# Embedded model name -> (utils.tiny_models kind, size).
+# Embedded model name -> (utils.models.tiny kind, size).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
     "embedded/tiny-qwen2-vl": ("qwen2-vl", "tiny"),
     "embedded/tiny-llava": ("llava", "tiny"),
     "embedded/random-qwen2-vl-2b": ("qwen2-vl", "2b"),
 }
+TASK = "image-text-to-text"
+
+
+EMBEDDED_PREFIX = "embedded/"
+
+
 # The tiny models' hidden size is 64: larger int4 groups would not divide it.
 EMBEDDED_TINY_MAX_GROUP_SIZE = 16
 
-_SOURCE_FILES = ("tiny_models.py", "export.py")
 
-
-class ModelExportError(RuntimeError):
-    """The model cannot be made available; the message says why and what to set."""
+_SOURCE_FILES = ("tiny.py", "export.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,89 +175,6 @@ def export_dir_for(model_name: str, spec: CompressionSpec, cache_dir: Path) -> P
     return Path(cache_dir) / f"{model_key(model_name)}--{effective_spec(model_name, spec).slug}"
 
 
-# --------------------------------------------------------------------------- manifest
-
-
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {
-        str(path.relative_to(directory)): path.stat().st_size
-        for path in sorted(directory.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_NAME
-    }
-
-
-def write_manifest(directory: Path, info: dict[str, Any]) -> None:
-    manifest = {"version": MANIFEST_VERSION, **info, "files": _file_sizes(directory)}
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.rename(directory / MANIFEST_NAME)
-
-
-def check_export(directory: Path) -> str | None:
-    """Why `directory` is not a complete export, or None when it is."""
-    if not directory.is_dir():
-        return "missing"
-    try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        files: dict[str, int] = manifest["files"]
-        if manifest.get("version") != MANIFEST_VERSION or not isinstance(files, dict):
-            return "manifest of another version"
-    except FileNotFoundError:
-        return "no manifest (interrupted export?)"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"unreadable manifest ({exc.__class__.__name__})"
-    for name in REQUIRED_FILES:
-        if name not in files:
-            return f"{name} not in manifest"
-    for name, size in files.items():
-        try:
-            actual = (directory / name).stat().st_size
-        except OSError:
-            return f"{name} missing"
-        if actual != size:
-            return f"{name} has {actual} bytes, manifest says {size}"
-    return None
-
-
-def prebuilt_ir(model_name: str) -> Path | None:
-    """`model_name` itself when it is a local directory that already holds OpenVINO IR
-    (an earlier export, or one made with `optimum-cli export openvino`)."""
-    directory = Path(model_name).expanduser()
-    if not all((directory / name).is_file() for name in REQUIRED_FILES):
-        return None
-    if (directory / MANIFEST_NAME).exists() and check_export(directory) is not None:
-        return None  # one of ours, damaged: treat it as a source, which fails clearly
-    return directory
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    return json.loads((directory / MANIFEST_NAME).read_text())
-
-
-# --------------------------------------------------------------------------- locking
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) held for the duration of the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process exporting %s", path.stem)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-# --------------------------------------------------------------------------- phases
-
-
 @contextlib.contextmanager
 def _phase(name: str, model: str) -> Iterator[None]:
     logger.info("[%s] %s: started", model, name)
@@ -264,93 +185,6 @@ def _phase(name: str, model: str) -> Iterator[None]:
         logger.info("[%s] %s: failed after %.1f s", model, name, time.perf_counter() - started)
         raise
     logger.info("[%s] %s: done in %.1f s", model, name, time.perf_counter() - started)
-
-
-def _no_source_error(model_name: str, reason: str) -> ModelExportError:
-    return ModelExportError(
-        f"Cannot get model '{model_name}': {reason}. There is no local copy to export. "
-        "Set VLM_MODEL_NAME to a local directory holding the Hugging Face model "
-        "(config.json, weights, tokenizer and processor files), or allow network access "
-        "to huggingface.co (and set HF_TOKEN for gated or private models). "
-        "VLM_MODEL_NAME=embedded/tiny-qwen2-vl serves a built-in random-weight model."
-    )
-
-
-_NO_EXPORT_TOOLS = (
-    "the export tools (optimum-intel, torch) are not installed: install them with "
-    "`scripts/install.sh` (its default groups include `export`), or copy an existing "
-    "export into VLM_MODEL_CACHE_DIR"
-)
-_IGNORED_HUB_FILES = [
-    "*.pt",
-    "*.pth",
-    "*.gguf",
-    "*.onnx",
-    "*.msgpack",
-    "*.h5",
-    "*.ot",
-    "original/*",
-]
-
-
-def _hub_error(model_name: str, exc: BaseException) -> ModelExportError:
-    """A readable error for a failed Hugging Face Hub lookup or download."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(exc, GatedRepoError):
-        return _no_source_error(model_name, "the repository is gated (set HF_TOKEN)")
-    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError)):
-        return _no_source_error(model_name, "no such repository on huggingface.co (or private)")
-    if isinstance(exc, HFValidationError):
-        return ModelExportError(
-            f"Cannot get model '{model_name}': it is neither an existing local directory nor "
-            "a valid Hugging Face model id. Set VLM_MODEL_NAME to a local directory or a "
-            "Hub id such as Qwen/Qwen2-VL-2B-Instruct."
-        )
-    if isinstance(exc, LocalEntryNotFoundError):
-        return _no_source_error(model_name, "the Hugging Face Hub cannot be reached")
-    return _no_source_error(
-        model_name, f"the Hugging Face Hub cannot be reached ({exc.__class__.__name__})"
-    )
-
-
-def _cached_snapshot(model_name: str, token: str | None) -> Path | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                model_name,
-                token=token,
-                ignore_patterns=_IGNORED_HUB_FILES,
-                local_files_only=True,
-            )
-        )
-    except (OSError, ValueError):  # LocalEntryNotFoundError, HFValidationError
-        return None
-
-
-def download_model(model_name: str, *, token: str | None = None) -> Path:
-    """Local snapshot of a Hugging Face Hub model (the HF cache is used when offline)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # slim install
-        raise ModelExportError(f"Cannot export model '{model_name}': {_NO_EXPORT_TOOLS}.") from exc
-
-    try:
-        return Path(snapshot_download(model_name, token=token, ignore_patterns=_IGNORED_HUB_FILES))
-    except (OSError, ValueError) as exc:  # hub errors are OSErrors or ValueErrors
-        cached = _cached_snapshot(model_name, token)
-        if cached is not None:
-            logger.warning("[%s] download failed (%s): using the cached copy", model_name, exc)
-            return cached
-        raise _hub_error(model_name, exc) from exc
 
 
 def preflight(settings: Settings) -> None:
@@ -373,19 +207,19 @@ def preflight(settings: Settings) -> None:
     if any(importlib.util.find_spec(m) is None for m in ("torch", "optimum", "huggingface_hub")):
         raise ModelExportError(
             f"Model '{name}' is not exported yet (no complete export at {target}) and "
-            f"{_NO_EXPORT_TOOLS}."
+            f"{NO_EXPORT_TOOLS}."
         )
     if name.startswith(EMBEDDED_PREFIX) or Path(name).expanduser().is_dir():
         return
     token = os.environ.get("HF_TOKEN")
-    if _cached_snapshot(name, token) is not None:
+    if cached_snapshot(name, token) is not None:
         return
     from huggingface_hub import HfApi
 
     try:
         HfApi().model_info(name, token=token, timeout=15)
     except (OSError, ValueError) as exc:
-        raise _hub_error(name, exc) from exc
+        raise hub_error(name, exc) from exc
 
 
 def _convert(source: Path, out_dir: Path, spec: CompressionSpec, trust_remote_code: bool) -> None:
@@ -502,7 +336,7 @@ def _versions() -> dict[str, str]:
 
 
 def _embedded_source(model_name: str, cache_dir: Path) -> Path:
-    from utils.tiny_models import build_tiny_model
+    from utils.models.tiny import build_tiny_model
 
     kind, size = EMBEDDED_MODELS[model_name]
     source = cache_dir / "hf" / model_key(model_name)

@@ -5,30 +5,27 @@ run them in worker threads so the event loop keeps serving (except images small
 enough to decode in less time than the hand-over to a thread takes). Images come out
 HWC, videos FHWC, each downscaled to fit a pixel budget. Sizes are checked on
 the header before a full decode (decompression-bomb guard). Decoded images can be
-kept in a `DecodedImageCache`, keyed by a hash of their bytes.
+kept in a `DecodedImageCache` (utils/media/cache.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import logging
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import OpenAIError
+from utils.media.cache import DecodedImageCache
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_ASPECT_RATIO",
-    "DecodedImageCache",
     "MediaDecodeError",
     "decode_image",
     "decode_video",
@@ -213,57 +210,6 @@ def stack_frames(frames: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # --- off the event loop ---------------------------------------------------------
-
-
-class DecodedImageCache:
-    """Decoded images by a hash of their bytes and pixel budget, the least recently
-    used dropped first once they take more than `max_bytes`.
-
-    A conversation sends its images again with every turn, and decoding one costs far
-    more than hashing its bytes (a 112x112 PNG: about 0.3 ms against 0.04 ms). The
-    arrays are shared by every request that sends the same image, so they are
-    read-only. Thread-safe: large images are decoded in worker threads.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._images: OrderedDict[tuple[bytes, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(data: bytes, max_pixels: int) -> tuple[bytes, int]:
-        # A cryptographic hash: nobody can make their image collide with someone else's.
-        return hashlib.blake2b(data, digest_size=16).digest(), max_pixels
-
-    def get(self, key: tuple[bytes, int]) -> np.ndarray | None:
-        with self._lock:
-            image = self._images.get(key)
-            if image is None:
-                self.misses += 1
-                return None
-            self._images.move_to_end(key)
-            self.hits += 1
-            return image
-
-    def put(self, key: tuple[bytes, int], image: np.ndarray) -> None:
-        if image.nbytes > self.max_bytes:
-            return
-        image.setflags(write=False)
-        with self._lock:
-            old = self._images.pop(key, None)
-            if old is not None:
-                self.bytes -= old.nbytes
-            self._images[key] = image
-            self.bytes += image.nbytes
-            while self.bytes > self.max_bytes:
-                _, dropped = self._images.popitem(last=False)
-                self.bytes -= dropped.nbytes
-
-    def __len__(self) -> int:
-        return len(self._images)
 
 
 def _decode_cached(

@@ -1,0 +1,97 @@
+"""A chat request turned into what the engine takes: sampling parameters, and the
+conversation with media tags where its images and videos were (utils/engine/tags.py).
+
+The request has passed utils/api/validation.py by the time it gets here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+
+from utils.api.protocol import ChatCompletionRequest, TextPart, is_media
+from utils.engine.tags import image_tag, video_tag
+from utils.engine.types import GenerationRequest, ModelInfo, SamplingParams
+from utils.media.cache import DecodedImageCache
+from utils.media.loader import DecodedPart, MediaLoader, gather_or_cancel
+from utils.settings import Settings
+
+
+def to_sampling_params(req: ChatCompletionRequest, settings: Settings) -> SamplingParams:
+    """Every request field that steers generation becomes an engine parameter here."""
+    max_new_tokens = req.max_new_tokens or settings.default_max_tokens
+    seed = settings.seed if req.seed is None else req.seed
+    top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    return SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=top_k,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        seed=seed % 2**64,  # OpenAI seeds are signed 64-bit, the engine's are unsigned
+        stop=tuple(req.stop_list),
+        n=req.n,
+        min_new_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        json_schema=req.json_schema_text,
+    )
+
+
+async def build_generation_request(
+    req: ChatCompletionRequest,
+    params: SamplingParams,
+    *,
+    settings: Settings,
+    fetcher: Any,
+    info: ModelInfo,
+    request_id: str,
+    image_cache: DecodedImageCache | None = None,
+) -> GenerationRequest:
+    """The whole conversation with `<ov_genai_image_N>`/`<ov_genai_video_N>` tags
+    where its media were, and the decoded media in the same order."""
+    loader = MediaLoader(settings, fetcher, image_cache)
+    jobs: list[Coroutine[Any, Any, DecodedPart]] = []
+    for i, message in enumerate(req.messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if is_media(part):
+                    jobs.append(loader.part(part, f"messages[{i}].content[{j}]"))
+    decoded = iter(await gather_or_cancel(jobs))
+
+    images: list[np.ndarray] = []
+    videos: list[np.ndarray] = []
+    messages: list[dict[str, str]] = []
+    for message in req.messages:
+        role = "system" if message.role == "developer" else message.role
+        if message.content is None or isinstance(message.content, str):
+            messages.append({"role": role, "content": message.content or ""})
+            continue
+        pieces: list[str] = []
+        previous_text = False
+        for part in message.content:
+            if isinstance(part, TextPart):
+                pieces.append(("\n" if previous_text else "") + part.text)
+                previous_text = True
+                continue
+            previous_text = False
+            media = next(decoded)
+            if media.image is not None:
+                pieces.append(image_tag(len(images)))
+                images.append(media.image)
+            elif info.supports_video:
+                assert media.video is not None
+                pieces.append(video_tag(len(videos)))
+                videos.append(media.video)
+            else:  # no native video: the sampled frames go in as images
+                assert media.video is not None
+                for frame in media.video:
+                    pieces.append(image_tag(len(images)))
+                    images.append(np.ascontiguousarray(frame))
+        messages.append({"role": role, "content": "".join(pieces)})
+    return GenerationRequest(
+        request_id=request_id, messages=messages, params=params, images=images, videos=videos
+    )

@@ -1,0 +1,156 @@
+"""From a GenerationRequest to what the pipeline takes: the prompt through the chat
+template, tensors, the context check and the GenerationConfig."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from utils.engine.model_config import ModelConfig
+from utils.engine.tags import TAG_RE, tag_refs
+from utils.engine.types import GenerationRequest, SamplingParams
+from utils.engine.visual_tokens import VisualTokenCounter
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass
+class Prepared:
+    prompt: str
+    images: list[Any]
+    videos: list[Any]
+    config: Any  # openvino_genai.GenerationConfig
+    params: SamplingParams
+    prompt_tokens: int  # 0 until counted
+    replicate: int  # greedy n > 1: one sequence, copied to n choices
+    visual_tokens: int = 0
+
+
+class Preparer:
+    """Chat template, input checks, context check and generation config."""
+
+    def __init__(
+        self, ov: Any, genai: Any, tokenizer: Any, model_dir: Path, model: ModelConfig
+    ) -> None:
+        self.ov = ov
+        self.genai = genai
+        self.tokenizer = tokenizer
+        self.model_dir = Path(model_dir)
+        self.model_type = model.model_type
+        self.max_context = model.max_context
+        self.visual = VisualTokenCounter.for_model(model)
+        self.video_native = model.supports_video
+        self.base_config_path = self.model_dir / "generation_config.json"
+        self.eos_token_id = int(tokenizer.get_eos_token_id())
+
+    def prepare(self, request: GenerationRequest) -> Prepared:
+        params = request.params
+        images, videos = request.images, request.videos
+        self._check_tags(request.messages, len(images), len(videos))
+        if videos and not self.video_native:
+            raise RequestError(
+                400, f"Model type {self.model_type} does not take video input.", "invalid_media"
+            )
+        prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
+        visual = sum(self.visual.image(img.shape) for img in images)
+        visual += sum(self.visual.video(vid.shape) for vid in videos)
+        prompt_tokens = 0  # counted later, unless the prompt may come near the context
+        # Tokenizing costs more than the rest of the preparation; a token has at least
+        # one byte, so a prompt whose bytes fit with room to spare needs no count yet.
+        upper = len(prompt.encode()) + visual + 8
+        if upper + params.max_new_tokens > self.max_context:
+            prompt_tokens = self.count(prompt, visual)
+            if prompt_tokens >= self.max_context:
+                raise RequestError(
+                    400,
+                    f"This model's maximum context length is {self.max_context} tokens. "
+                    f"However, your messages resulted in {prompt_tokens} tokens ({visual} of "
+                    "them for images and videos). Please reduce the length of the messages "
+                    "or media.",
+                    "context_length_exceeded",
+                )
+        used = prompt_tokens or upper
+        max_new = max(1, min(params.max_new_tokens, self.max_context - used))
+        config, replicate = self._generation_config(params, max_new)
+        return Prepared(
+            prompt=prompt,
+            images=[self.ov.Tensor(np.ascontiguousarray(img, dtype=np.uint8)) for img in images],
+            videos=[self.ov.Tensor(np.ascontiguousarray(vid, dtype=np.uint8)) for vid in videos],
+            config=config,
+            params=params,
+            prompt_tokens=prompt_tokens,
+            replicate=replicate,
+            visual_tokens=visual,
+        )
+
+    def count(self, prompt: str, visual: int) -> int:
+        """Prompt tokens with visual tokens, as the pipeline will see them."""
+        text = TAG_RE.sub(self.visual.tag_text, prompt)
+        return int(self.tokenizer.encode(text).input_ids.get_shape()[1]) + visual
+
+    def prompt_tokens(self, prep: Prepared) -> int:
+        if not prep.prompt_tokens:
+            prep.prompt_tokens = self.count(prep.prompt, prep.visual_tokens)
+        return prep.prompt_tokens
+
+    @staticmethod
+    def _check_tags(messages: list[dict[str, str]], n_images: int, n_videos: int) -> None:
+        for message in messages:
+            for kind, index in tag_refs(str(message.get("content", ""))):
+                limit = n_images if kind == "image" else n_videos
+                if index >= limit:
+                    raise RequestError(
+                        400, f"The prompt refers to {kind} {index}, which was not given."
+                    )
+
+    def _generation_config(self, params: SamplingParams, max_new: int) -> tuple[Any, int]:
+        genai = self.genai
+        if self.base_config_path.exists():
+            cfg = genai.GenerationConfig(str(self.base_config_path))
+        else:
+            cfg = genai.GenerationConfig()
+        if cfg.eos_token_id < 0 and self.eos_token_id >= 0:
+            cfg.set_eos_token_id(self.eos_token_id)
+        cfg.apply_chat_template = False
+        cfg.max_new_tokens = max_new
+        cfg.min_new_tokens = min(params.min_new_tokens, max_new)
+        cfg.ignore_eos = params.ignore_eos
+        cfg.repetition_penalty = params.repetition_penalty
+        cfg.presence_penalty = params.presence_penalty
+        cfg.frequency_penalty = params.frequency_penalty
+        cfg.num_beams = 1
+        replicate = 1
+        greedy = params.temperature <= 1e-5
+        if greedy:
+            cfg.do_sample = False
+            cfg.num_return_sequences = 1
+            replicate = params.n
+        else:
+            cfg.do_sample = True
+            cfg.temperature = params.temperature
+            cfg.top_p = params.top_p
+            if params.top_k > 0:
+                cfg.top_k = params.top_k
+            cfg.rng_seed = params.seed
+            cfg.num_return_sequences = params.n
+        if params.json_schema:
+            cfg.structured_output_config = genai.StructuredOutputConfig(
+                json_schema=params.json_schema
+            )
+        try:
+            cfg.validate()
+        except Exception as exc:
+            raise RequestError(400, f"Invalid generation parameters: {exc}") from exc
+        return cfg, replicate
