@@ -453,7 +453,8 @@ class RawRunner:
     def _vlm(self, count: int) -> list[Sample]:
         genai, runner = self.genai, self
 
-        class Streamer(genai.StreamerBase):  # token ids: no detokenization per token
+        # token ids: no detokenization per token
+        class Streamer(genai.StreamerBase):  # type: ignore[name-defined]
             def __init__(self, sample: Sample) -> None:
                 super().__init__()
                 self.sample = sample

@@ -18,6 +18,7 @@ step() {
 step "ruff check" .venv/bin/ruff check .
 # Markdown is prose: its code samples are not held to the formatter.
 step "ruff format --check" .venv/bin/ruff format --check --extend-exclude "*.md" .
+step "mypy" .venv/bin/mypy
 step "pytest" .venv/bin/python -m pytest "$@"
 
 if ((${#failed[@]})); then

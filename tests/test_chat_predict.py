@@ -13,12 +13,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_predict(qwen2vl_ir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLM_")}
+    env = dict(os.environ)
     env.update({f"VLM_{k.upper()}": str(v) for k, v in tiny_model_settings("qwen2-vl").items()})
     return subprocess.run(
         [sys.executable, str(REPO / "scripts" / "predict.py"), "-q", *args],
         env=env,
-        cwd=REPO,
+        cwd=qwen2vl_ir.parent,  # not the checkout: a developer's .env is not read
         capture_output=True,
         text=True,
         timeout=300,

@@ -136,7 +136,7 @@ def test_a_directory_of_openvino_ir_is_served_as_it_is(
     assert not (tmp_path / "cache").exists()
 
 
-def test_reuse_needs_neither_torch_nor_optimum(qwen2vl_ir: Path) -> None:
+def test_reuse_needs_neither_torch_nor_optimum(qwen2vl_ir: Path, tmp_path: Path) -> None:
     """A slim serving install (no export tools) can still start from an existing export."""
     code = (
         "import sys\n"
@@ -150,7 +150,12 @@ def test_reuse_needs_neither_torch_nor_optimum(qwen2vl_ir: Path) -> None:
         "assert not loaded, loaded\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=tmp_path,  # not the checkout: a developer's .env is not read
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(qwen2vl_ir)
@@ -262,8 +267,8 @@ def _unknown_model_env(tmp_path: Path) -> dict[str, str]:
 def test_export_script_fails_with_one_readable_message(tmp_path: Path) -> None:
     env = _unknown_model_env(tmp_path)
     done = subprocess.run(
-        [sys.executable, "scripts/export_model.py", "--quiet"],
-        cwd=REPO,
+        [sys.executable, str(REPO / "scripts" / "export_model.py"), "--quiet"],
+        cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -306,7 +311,12 @@ def test_server_refuses_to_start_on_a_model_it_cannot_get(tmp_path: Path) -> Non
     env = _unknown_model_env(tmp_path)
     env["VLM_PORT"] = "1"  # never reached: the check comes before the server binds
     done = subprocess.run(
-        [sys.executable, "app.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "app.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

@@ -24,7 +24,14 @@ from utils.api.metrics import track_generation
 from utils.api.models import resolve_model
 from utils.api.protocol import ChatCompletion, ChatCompletionRequest
 from utils.api.requests import build_generation_request, to_sampling_params
-from utils.api.responses import SSE_HEADERS, aclose, complete, stream, system_fingerprint
+from utils.api.responses import (
+    SSE_HEADERS,
+    ResponseMeta,
+    aclose,
+    complete,
+    stream,
+    system_fingerprint,
+)
 from utils.api.state import AppState, State
 from utils.api.validation import check_request, parse_request
 from utils.engine.types import Engine, GenerationEvent
@@ -157,19 +164,13 @@ async def create_chat_completion(request: Request, state: State) -> Response:
             raise
 
     events, first = await _unless_disconnected(request, start())
-    common = {
-        "completion_id": completion_id,
-        "created": created,
-        "model": model,
-        "fingerprint": fingerprint,
-        "n": req.n,
-    }
+    meta = ResponseMeta(completion_id, created, model, fingerprint, req.n)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(
-            stream(events, first, include_usage=include_usage, **common),
+            stream(events, first, meta, include_usage=include_usage),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    completion = await _unless_disconnected(request, complete(events, first, **common))
+    completion = await _unless_disconnected(request, complete(events, first, meta))
     return JSONResponse(completion.model_dump(mode="json"))

@@ -159,7 +159,7 @@ def check_json_schema(schema: Any) -> None:
 
 def _empty_range(node: dict[str, Any]) -> bool:
     """Whether the numeric bounds of `node` admit no value."""
-    bounds = {
+    bounds: dict[str, Any] = {
         k: node.get(k) for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
     }
     if not any(_is_number(v) for v in bounds.values()):

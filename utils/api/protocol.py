@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -142,7 +142,7 @@ class VideoPart(_VideoOptions):
 MediaPart = ImageURLPart | VideoURLPart | VideoPart
 
 
-def is_media(part: object) -> bool:
+def is_media(part: object) -> TypeGuard[MediaPart]:
     return isinstance(part, MediaPart)
 
 

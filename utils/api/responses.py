@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 from utils.api.protocol import (
     ChatCompletion,
@@ -25,10 +25,18 @@ from utils.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ResponseMeta(NamedTuple):
+    """What every chunk or body of one completion repeats."""
+
+    completion_id: str
+    created: int
+    model: str
+    fingerprint: str
+    n: int
 
 
 def system_fingerprint(info: ModelInfo) -> str:
@@ -46,13 +54,9 @@ async def aclose(iterator: AsyncIterator[Any]) -> None:
 async def complete(
     events: AsyncIterator[GenerationEvent],
     first: GenerationEvent | None,
-    *,
-    completion_id: str,
-    created: int,
-    model: str,
-    fingerprint: str,
-    n: int,
+    meta: ResponseMeta,
 ) -> ChatCompletion:
+    n = meta.n
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[FinishReason | None] = [None] * n
     totals = UsageCounter(n)
@@ -72,10 +76,10 @@ async def complete(
     finally:
         await aclose(events)
     return ChatCompletion(
-        id=completion_id,
-        created=created,
-        model=model,
-        system_fingerprint=fingerprint,
+        id=meta.completion_id,
+        created=meta.created,
+        model=meta.model,
+        system_fingerprint=meta.fingerprint,
         choices=[
             Choice(
                 index=k,
@@ -148,24 +152,21 @@ _DONE = b"data: [DONE]\n\n"
 async def stream(
     events: AsyncIterator[GenerationEvent],
     first: GenerationEvent | None,
+    meta: ResponseMeta,
     *,
-    completion_id: str,
-    created: int,
-    model: str,
-    fingerprint: str,
-    n: int,
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """The SSE body. Chunks that are ready together go out as one write (the
     role chunks with the first text, the last text with the finish, usage and
     [DONE] chunks); the bytes on the wire are the same as one write per chunk."""
+    n = meta.n
     totals = UsageCounter(n)
     writer = ChunkWriter(
         ChatCompletionChunk(
-            id=completion_id,
-            created=created,
-            model=model,
-            system_fingerprint=fingerprint,
+            id=meta.completion_id,
+            created=meta.created,
+            model=meta.model,
+            system_fingerprint=meta.fingerprint,
             choices=[],
             usage=None,
         ),
@@ -212,10 +213,12 @@ async def stream(
         if include_usage:
             held += writer.model([], totals.usage(), include_usage)
     except OpenAIError as exc:
-        logger.info("[%s] stream ended with error %s: %s", completion_id, exc.status, exc.message)
+        logger.info(
+            "[%s] stream ended with error %s: %s", meta.completion_id, exc.status, exc.message
+        )
         held += _sse(json.dumps(exc.body()))
     except Exception:
-        logger.exception("[%s] stream failed", completion_id)
+        logger.exception("[%s] stream failed", meta.completion_id)
         error = OpenAIError(500, "The server had an error while processing your request.")
         held += _sse(json.dumps(error.body()))
     finally:

@@ -69,7 +69,9 @@ def parse_request(body: Any) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False)
+        errors: list[dict[str, Any]] = [
+            dict(error) for error in exc.errors(include_url=False, include_input=False)
+        ]
         # The deepest error is the most specific (for `content` the `str` branch
         # error is noise when a list was sent).
         first = max(errors, key=_depth) if errors else {}

@@ -28,7 +28,7 @@ from utils.engine.messages import (
     WorkerConfig,
 )
 from utils.engine.prompt import Prepared, Preparer, RequestError
-from utils.engine.types import GenerationRequest
+from utils.engine.types import FinishReason, GenerationRequest
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Backend:
                 choice.finish = STOP_MATCHED
             elif choice.finish is not None:
                 text += choice.stop.flush()
-            finish = "stop" if matched else choice.finish
+            finish = cast(FinishReason | None, "stop" if matched else choice.finish)
             if not text and finish is None:
                 continue
             if finish is None and now - choice.last_sent < self.stream_interval:
@@ -211,7 +211,7 @@ class Backend:
         active: ActiveRequest,
         choice: ChoiceState,
         text: str,
-        finish: str | None,
+        finish: FinishReason | None,
         prompt_tokens: int,
         now: float,
     ) -> None:

@@ -275,7 +275,7 @@ class EngineClient:
             if request is not None:
                 request.queue.put_nowait(
                     GenerationEvent(
-                        event.index,
+                        event.choice,
                         event.text,
                         event.completion_tokens,
                         event.finish_reason,

@@ -59,7 +59,7 @@ class TextEvent(NamedTuple):
     """New text of one choice of one request (see utils.engine.types.GenerationEvent)."""
 
     rid: int
-    index: int
+    choice: int  # the choice's index
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None

@@ -82,7 +82,7 @@ class VLMBackend(Backend):
             config.rng_seed = active.prep.params.seed + index
         config.num_return_sequences = 1
 
-        class _Streamer(genai.StreamerBase):  # type: ignore[name-defined,misc]
+        class _Streamer(genai.StreamerBase):  # type: ignore[name-defined]
             def write(self, token: Any) -> Any:
                 started = time.perf_counter()
                 try:

@@ -71,11 +71,12 @@ def load_backend(conn: Connection, cfg: WorkerConfig) -> Backend:
     import openvino as ov
     import openvino_genai as genai
 
-    order: list[type[Backend]] = {
+    orders: dict[str, list[type[Backend]]] = {
         "continuous_batching": [CBBackend],
         "vlm_pipeline": [VLMBackend],
         "auto": [CBBackend, VLMBackend],
-    }[cfg.engine]
+    }
+    order = orders[cfg.engine]
     last: Exception | None = None
     for cls in order:
         started = time.monotonic()

@@ -27,9 +27,6 @@ T = TypeVar("T")
 MIN_VIDEO_PIXELS = 28 * 28
 
 
-T = TypeVar("T")
-
-
 @dataclass(slots=True)
 class DecodedPart:
     """Decoded media of one content part: an image (HWC) or a video (FHWC)."""

@@ -52,6 +52,7 @@ from utils.models.manifest import (
     prebuilt_ir,
     write_manifest,
 )
+from utils.models.tiny import ModelKind, ModelSize
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ logger = logging.getLogger(__name__)
 WeightFormat = Literal["int4", "int8", "fp16"]
 
 # Embedded model name -> (utils.models.tiny kind, size).
-EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+EMBEDDED_MODELS: dict[str, tuple[ModelKind, ModelSize]] = {
     "embedded/tiny-qwen2-vl": ("qwen2-vl", "tiny"),
     "embedded/tiny-llava": ("llava", "tiny"),
     "embedded/random-qwen2-vl-2b": ("qwen2-vl", "2b"),
@@ -347,7 +348,7 @@ def _embedded_source(model_name: str, cache_dir: Path) -> Path:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    build_tiny_model(kind, source, size=size)  # type: ignore[arg-type]
+                    build_tiny_model(kind, source, size=size)
             except ImportError as exc:
                 raise ModelExportError(
                     f"Cannot build model '{model_name}': {exc}. Install the export tools "

@@ -309,7 +309,7 @@ def _build_qwen2vl(out_dir: Path, size: ModelSize) -> None:
     )
 
     # The tiny model sees small images; the 2B one has the real model's limits.
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 448 * 448}
+    pixels: dict[str, Any] = {"min_pixels": 56 * 56, "max_pixels": 448 * 448}
     if size == "2b":
         pixels = {"min_pixels": 56 * 56, "max_pixels": 14 * 14 * 4 * 16384}
     processor = Qwen2VLProcessor(
