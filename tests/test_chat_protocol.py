@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -457,3 +458,15 @@ async def test_a_cancellation_from_elsewhere_is_not_reported_as_a_disconnect() -
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_ignored_fields_are_named_in_a_debug_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Unknown fields are accepted (clients send extensions), but a typo can be found."""
+    with caplog.at_level(logging.DEBUG, logger="utils.api.validation"):
+        request = parse_request(body(user(text("x")), max_token=5, vendor_extension={}))
+    assert request.max_new_tokens is None  # the typo did not set the limit
+    assert "ignored request fields: max_token, vendor_extension" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="utils.api.validation"):
+        parse_request(body(user(text("x")), max_tokens=5))
+    assert "ignored" not in caplog.text

@@ -156,9 +156,10 @@ async def test_track_measures_tokens_ttft_and_tpot() -> None:
 
     async def events() -> AsyncIterator[GenerationEvent]:
         try:
-            yield GenerationEvent(0, "", 0, None, prompt_tokens=40)
+            yield GenerationEvent(0, "", 0, None, prompt_tokens=40, visual_tokens=18)
             for k in range(1, 5):
-                yield GenerationEvent(0, "x", k, "length" if k == 4 else None, prompt_tokens=40)
+                finish = "length" if k == 4 else None
+                yield GenerationEvent(0, "x", k, finish, prompt_tokens=40, visual_tokens=18)
         finally:
             closed.append(True)
 
@@ -173,6 +174,7 @@ async def test_track_measures_tokens_ttft_and_tpot() -> None:
 
     samples = _samples(generate_latest(metrics.registry).decode())
     assert _value(samples, "vlm_prompt_tokens_total") == 80
+    assert _value(samples, "vlm_prompt_visual_tokens_total") == 36
     assert _value(samples, "vlm_completion_tokens_total") == 5
     assert _value(samples, "vlm_time_to_first_token_seconds_count") == 2
     assert _value(samples, "vlm_time_per_output_token_seconds_count") == 1  # needs 2+ tokens
@@ -227,6 +229,8 @@ async def test_metrics_move_as_requests_are_served(live_server: Callable[..., st
     assert delta("vlm_http_requests_total", route=route, method="POST", status="200") == 2
     assert delta("vlm_http_requests_total", route=route, method="POST", status="400") == 1
     assert delta("vlm_prompt_tokens_total") == 2 * usage["prompt_tokens"]
+    # a 64x48 image is 2x2 merged patches on the tiny Qwen2-VL, plus its start and end
+    assert delta("vlm_prompt_visual_tokens_total") == 2 * (2 * 2 + 2)
     assert delta("vlm_completion_tokens_total") == 2 * usage["completion_tokens"]
     assert delta("vlm_time_to_first_token_seconds_count") == 2
     assert delta("vlm_time_per_output_token_seconds_count") == 2
