@@ -12,6 +12,8 @@ the weights with NNCF.
 - Atomic: an export is written to a temporary directory and renamed into place, so
   an interrupted export never looks complete; an incomplete or damaged one is
   removed and redone.
+- One filesystem: every temporary file of an export is made beside it in the cache
+  directory and removed afterwards, so no rename crosses a mount (a Docker volume).
 - One at a time: a file lock per export key keeps concurrent processes from
   exporting the same model twice.
 - Clear failures: `ModelExportError` says which model failed and what to set.
@@ -31,6 +33,8 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -251,6 +255,38 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------- temporary files
+
+# tempfile's default directory is process-wide: one export at a time may move it.
+_TEMP_DIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def temp_files_in(directory: Path) -> Iterator[None]:
+    """Send the block's temporary files (Python's `tempfile` and, through TMPDIR, native
+    code and child processes) to `directory`, which is created here and removed after.
+
+    optimum-intel and NNCF write compressed models into `tempfile.TemporaryDirectory()`
+    and rename them into the export; a rename cannot cross filesystems, so an export
+    into a cache on another mount (a Docker volume, a second disk) fails with EXDEV
+    unless its temporary files live on the cache's filesystem. Compiler caches that
+    torch keeps under the temporary directory go away with it.
+    """
+    with _TEMP_DIR_LOCK:
+        directory.mkdir(parents=True, exist_ok=True)
+        saved_tempdir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+        tempfile.tempdir = os.environ["TMPDIR"] = str(directory)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = saved_tempdir
+            if saved_env is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved_env
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 # --------------------------------------------------------------------------- phases
 
 
@@ -460,11 +496,12 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    scratch = tmp.with_name(f"{tmp.name}-scratch")  # beside tmp: same filesystem
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The tracer and the libraries warn a lot about their own internals, which a
         # user cannot act on (and a warnings-as-errors run would abort the trace).
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), temp_files_in(scratch):
             warnings.simplefilter("ignore")
             _convert_and_compress(source, tmp, spec, name, trust_remote_code)
         with _phase("save", name):
