@@ -83,10 +83,17 @@ def data_url(mime: str, payload: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(payload).decode()}"
 
 
+def served_model(base: str) -> str:
+    status, raw = request(f"{base}/v1/models")
+    if status != 200:
+        raise SystemExit(f"/v1/models: HTTP {status}: {raw[:300]!r}")
+    return json.loads(raw)["data"][0]["id"]
+
+
 def chat(base: str, media: dict[str, Any] | None, name: str) -> dict[str, Any]:
     content = [*([media] if media else []), {"type": "text", "text": "Describe."}]
     body = {
-        "model": "embedded/tiny-qwen2-vl",
+        "model": served_model(base),
         "messages": [{"role": "user", "content": content}],
         "max_tokens": 8,
     }
