@@ -54,7 +54,7 @@ base=localhost/ov-vlm-ci-base:$suite
 if ! podman image exists "$base"; then
     note "building the stand-in base image $base"
     mirror=$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list \
-        /etc/apt/sources.list.d/ 2>/dev/null | grep -v security | head -1 | tr -d ' ')
+        /etc/apt/sources.list.d/ 2>/dev/null | grep -v security | head -1 | tr -d ' ' || true)
     mirror=${mirror:-http://deb.debian.org/debian}
     mmdebstrap --variant=minbase --include=ca-certificates,netbase,python3,python3-venv,python3-pip \
         --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/usr/lib/python3*/EXTERNALLY-MANAGED' \
