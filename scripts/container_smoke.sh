@@ -152,8 +152,8 @@ run_export() {
     [[ $status == 0 ]] || { tail -20 "$tmp/export-$1.log" >&2; fail "the export exited $status"; }
 }
 
-wait_healthy() { # label
-    local start=$SECONDS container
+wait_healthy() { # label, the time `up` was run
+    local start=$2 container
     while ((SECONDS - start < timeout)); do
         container=$(container_of server)
         if [[ -n $container ]] &&
@@ -179,7 +179,7 @@ log "export done in $((SECONDS - start)) s"
 up=$SECONDS
 "${compose[@]}" up -d >"$tmp/compose.log" 2>&1 ||
     { cat "$tmp/compose.log" >&2; fail "compose up"; }
-wait_healthy "first start"
+wait_healthy "first start" "$up"
 log "from the first up to healthy: $((SECONDS - start)) s (export included)"
 "$python" scripts/smoke_client.py check "http://127.0.0.1:$port" >&2 || fail "requests"
 
@@ -187,10 +187,11 @@ log "from the first up to healthy: $((SECONDS - start)) s (export included)"
 log "compose down, up again"
 "${compose[@]}" down >"$tmp/compose.log" 2>&1 ||
     { cat "$tmp/compose.log" >&2; fail "compose down"; }
+up=$SECONDS
 run_export second
 "${compose[@]}" up -d >"$tmp/compose.log" 2>&1 ||
     { cat "$tmp/compose.log" >&2; fail "compose up (second)"; }
-wait_healthy "second start"
+wait_healthy "second start" "$up"
 if grep -q "exporting embedded" "$tmp/export-second.log" ||
     ! grep -q "using exported model" "$tmp/export-second.log"; then
     tail -20 "$tmp/export-second.log" >&2
