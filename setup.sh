@@ -8,7 +8,10 @@
 # otherwise the documented default), validates them, exports them, writes them
 # to .env next to this file (compose and the server both read it) and creates
 # the model cache directory. Other VLM_* variables in the environment are
-# validated by the server and copied to .env as they are.
+# validated by the server and copied to .env as they are, and so are the proxy
+# variables (http_proxy, https_proxy, no_proxy and their upper-case forms), which
+# the export container needs to download models from behind a proxy.
+# VLM_SERVICE_PORT is accepted as another name of VLM_PORT.
 #
 # Meant to be sourced: a bad value prints what is wrong and returns 1, leaving
 # the shell, its options and the existing .env as they were.
@@ -53,6 +56,8 @@ _vlm_setup() {
         IFS='|' read -r name default _ <<<"$entry"
         if [[ -n ${!name+set} && -n ${!name} ]]; then
             value=${!name} origin="environment"
+        elif [[ $name == VLM_PORT && -n ${VLM_SERVICE_PORT:-} ]]; then
+            value=$VLM_SERVICE_PORT origin="VLM_SERVICE_PORT"
         else
             value=$default origin="default"
         fi
@@ -101,7 +106,12 @@ _vlm_setup() {
             errors+=("$name: quotes and newlines are not allowed")
     done
 
-    # Other VLM_* variables already exported go to .env as they are.
+    if [[ -n ${VLM_SERVICE_PORT:-} && $VLM_SERVICE_PORT != "${setting[VLM_PORT]}" ]]; then
+        errors+=("VLM_PORT='${setting[VLM_PORT]}' and VLM_SERVICE_PORT='$VLM_SERVICE_PORT' disagree: set one of them (VLM_SERVICE_PORT is an alias of VLM_PORT)")
+    fi
+
+    # Other VLM_* variables already exported, and the proxy settings, go to .env as
+    # they are.
     local -a extra=()
     local known=" ${names[*]} "
     while IFS= read -r name; do
@@ -112,7 +122,7 @@ _vlm_setup() {
             continue
         fi
         extra+=("$name")
-    done < <(compgen -e | grep '^VLM_' | sort)
+    done < <(compgen -e | grep -E '^(VLM_|(http|https|no)_proxy$|(HTTP|HTTPS|NO)_PROXY$)' | sort)
 
     if [[ -n ${VLM_OV_CONFIG:-} ]] && command -v python3 >/dev/null 2>&1; then
         python3 -c 'import json, sys; v = json.loads(sys.argv[1]); assert isinstance(v, dict)' \
@@ -166,8 +176,12 @@ _vlm_setup() {
     for i in "${!names[@]}"; do
         printf '  %-32s %-28s (%s)\n' "${names[i]}" "${values[i]}" "${origins[i]}"
     done
+    local shown
     for name in "${extra[@]}"; do
-        printf '  %-32s %-28s (environment)\n' "$name" "${!name}"
+        shown=${!name}
+        # a proxy URL's password stays out of the terminal (it is in .env)
+        [[ $shown =~ ^(.*://[^:/@]*:)[^/@]*(@.*)$ ]] && shown="${BASH_REMATCH[1]}***${BASH_REMATCH[2]}"
+        printf '  %-32s %-28s (environment)\n' "$name" "$shown"
     done
     [[ -n $render_gid ]] && printf '  %-32s %-28s (owner of %s)\n' RENDER_GID "$render_gid" "$node"
     printf '  model cache: %s\n' "$cache"

@@ -188,6 +188,36 @@ def test_setup_reports_every_bad_value_at_once(project: Path) -> None:
         assert f"{name}=" in result.stderr
 
 
+def test_setup_takes_service_port_as_the_port(project: Path) -> None:
+    result = source_setup(project, {"VLM_SERVICE_PORT": "9300"}, after='echo "port=$VLM_PORT"')
+    assert "status=0" in result.stdout, result.stderr
+    assert "port=9300" in result.stdout
+    written = read_env_file(project / ".env")
+    assert written["VLM_PORT"] == written["VLM_SERVICE_PORT"] == "9300"
+    assert Settings(_env_file=project / ".env").port == 9300
+
+
+def test_setup_refuses_disagreeing_port_names(project: Path) -> None:
+    result = source_setup(project, {"VLM_SERVICE_PORT": "9300", "VLM_PORT": "9301"})
+    assert "status=1" in result.stdout
+    assert "VLM_PORT='9301' and VLM_SERVICE_PORT='9300' disagree" in result.stderr
+
+
+def test_setup_writes_proxies_to_env(project: Path) -> None:
+    proxies = {
+        "http_proxy": "http://user:secret@proxy.example:3128",
+        "HTTPS_PROXY": "http://proxy.example:3128",
+        "no_proxy": "localhost,127.0.0.1",
+    }
+    result = source_setup(project, proxies)
+    assert "status=0" in result.stdout, result.stderr
+    written = read_env_file(project / ".env")
+    for name, value in proxies.items():
+        assert written[name] == value
+    assert "secret" not in result.stdout  # shown as user:***@
+    assert "http://user:***@proxy.example:3128" in result.stdout
+
+
 def test_setup_run_as_a_script_still_writes_env(project: Path) -> None:
     result = subprocess.run(
         ["bash", "setup.sh"],
@@ -238,7 +268,8 @@ def dockerfile_stages() -> set[str]:
     [("compose.yaml", "serve", "CPU"), ("compose.gpu.yaml", "serve-gpu", "GPU")],
 )
 def test_compose_file_validates(project: Path, name: str, target: str, device: str) -> None:
-    assert "status=0" in source_setup(project, {"VLM_PORT": "8123"}).stdout
+    env = {"VLM_PORT": "8123", "https_proxy": "http://proxy.example:3128"}
+    assert "status=0" in source_setup(project, env).stdout
     config = compose_config(project, name)
     server, export = config["services"]["server"], config["services"]["export"]
     assert server["build"]["target"] == target
@@ -255,6 +286,8 @@ def test_compose_file_validates(project: Path, name: str, target: str, device: s
     assert "models:/models:rw" in export["volumes"]
     assert "models" in config["volumes"]  # named: exported models outlive containers
     assert server["healthcheck"]["test"] == ["CMD", "python", "docker/healthcheck.py"]
+    assert export["environment"]["https_proxy"] == "http://proxy.example:3128"  # downloads
+    assert export["image"] == "ov-vlm-server:export"
     if device == "GPU":
         assert "/dev/dri:/dev/dri" in server["devices"]
         assert "video" in server["group_add"]
@@ -323,10 +356,83 @@ def test_dockerfile_commands_are_the_real_entry_points() -> None:
 def test_dockerfile_gpu_stage_uses_distribution_drivers() -> None:
     text = (ROOT / "docker" / "Dockerfile").read_text()
     gpu = text[text.index("AS gpu-runtime") : text.index("AS serve\n")]
-    assert "apt-get install" in gpu
-    for package in ("intel-opencl-icd", "libze1", "ocl-icd-libopencl1"):
-        assert package in gpu
-    assert not re.search(r"\b(wget|curl|ADD)\b", text)  # no ad-hoc downloads
+    assert "docker/gpu-runtime.sh" in gpu
+    script = (ROOT / "docker" / "gpu-runtime.sh").read_text()
+    assert "apt-get install" in script
+    for package in ("intel-opencl-icd", "libze1", "libze-intel-gpu1", "ocl-icd-libopencl1"):
+        assert package in script
+    for source in (text, script):
+        assert not re.search(r"\b(wget|curl|ADD)\b", source)  # no ad-hoc downloads
+
+
+def test_gpu_packages_alone_come_from_debian_testing() -> None:
+    """On trixie the drivers come from forky; apt pinning keeps everything else on trixie."""
+    script = (ROOT / "docker" / "gpu-runtime.sh").read_text()
+    pinned = set(re.search(r'forky_packages="([^"]*)"', script)[1].split())
+    drivers = {"intel-opencl-icd", "libze-intel-gpu1", "libze1", "ocl-icd-libopencl1"}
+    runtime = {"libigc2", "libigdfcl2", "libigdgmm12"}  # the drivers' own libraries
+    c_runtime = {"libc6", "libc-bin", "libc-gconv-modules-extra", "libgcc-s1", "libstdc++6"}
+    assert pinned == drivers | runtime | c_runtime | {"gcc-16-base"}
+    # the specific record first, then every other forky package never installed
+    assert re.search(
+        r'"Package: \$\(echo "\$forky_packages".*\n.*"Pin: release n=forky"\n'
+        r'.*"Pin-Priority: 500"\n.*\n.*"Package: \*"\n.*"Pin: release n=forky"\n'
+        r'.*"Pin-Priority: -1"',
+        script,
+    )
+
+
+def test_dockerfile_base_is_a_build_argument() -> None:
+    instructions = dockerfile_instructions()
+    assert ("ARG", "BASE_IMAGE=python:3.11-slim-trixie") in instructions
+    stages = dockerfile_stages()
+    for keyword, rest in instructions:
+        if keyword == "FROM":
+            image = rest.split()[0]
+            assert image == "${BASE_IMAGE}" or image in stages, rest
+
+
+def test_dependency_groups_are_optional() -> None:
+    """`poetry sync` without --with installs only the serving dependencies."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["poetry"]["group"]
+    assert set(groups) == {"export", "dev"}
+    for name, group in groups.items():
+        assert group.get("optional") is True, name
+    assert (
+        "torch"
+        not in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("groups", "expected"),
+    [(None, ["--with", "export,dev"]), ("", []), ("export", ["--with", "export"])],
+)
+def test_install_passes_exactly_the_named_groups(
+    tmp_path: Path, groups: str | None, expected: list[str]
+) -> None:
+    (tmp_path / "scripts").mkdir()
+    shutil.copy2(ROOT / "scripts" / "install.sh", tmp_path / "scripts")
+    for name in ("pyproject.toml", "poetry.lock"):
+        (tmp_path / name).write_text("")
+    (tmp_path / ".venv").mkdir()
+    fake = tmp_path / ".poetry" / "bin"
+    fake.mkdir(parents=True)
+    (fake / "poetry").write_text("#!/bin/sh\n")
+    (fake / "python").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.args"\n')
+    for path in fake.iterdir():
+        path.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
+    if groups is not None:
+        env["VLM_INSTALL_GROUPS"] = groups
+    result = subprocess.run(
+        ["bash", "scripts/install.sh"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    args = (fake / "python.args").read_text().split()
+    assert args == ["scripts/poetry_simple.py", "sync", "--no-interaction", *expected]
 
 
 def test_install_groups_match_images() -> None:
@@ -380,6 +486,24 @@ def test_healthcheck_follows_readiness(ready_server: tuple[int, type[_ReadyHandl
     handler.status = 503
     assert run_healthcheck(port) == 1
     assert "Authorization" not in handler.seen[-1]
+
+
+def test_healthcheck_ignores_proxies(ready_server: tuple[int, type[_ReadyHandler]]) -> None:
+    port, _ = ready_server
+    proxy = "http://127.0.0.1:9"  # nothing listens there
+    assert run_healthcheck(port, http_proxy=proxy, HTTP_PROXY=proxy) == 0
+
+
+def test_healthcheck_reads_the_port_alias(ready_server: tuple[int, type[_ReadyHandler]]) -> None:
+    port, handler = ready_server
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "healthcheck.py")],
+        env={"PATH": "/usr/bin:/bin", "VLM_SERVICE_PORT": str(port)},
+        capture_output=True,
+        timeout=30,
+    )
+    assert result.returncode == 0
+    assert handler.seen[-1]["path"] == "/ready"
 
 
 def test_healthcheck_fails_when_nothing_listens() -> None:

@@ -16,10 +16,19 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = ROOT / "docs" / "configuration.md"
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
-# VLM_* variables that scripts read, not the server's Settings.
-NOT_SETTINGS = {"VLM_INSTALL_GROUPS", "VLM_API_KEY"}
 ROW = re.compile(r"^\| `(VLM_[A-Z0-9_]+)` \| (.*?) \| (.*) \|$", flags=re.M)
 NAME = re.compile(r"\bVLM_[A-Z0-9_]*[A-Z0-9]\b")
+# VLM_* variables that the shell scripts, CI and compose files read, not the server's
+# Settings (a page may name them; a misspelt setting is in none of these files).
+SCRIPTS = [
+    *(ROOT / "scripts").glob("*.sh"),
+    *(ROOT / ".ci").glob("*"),
+    *ROOT.glob("compose*.yaml"),
+    ROOT / "setup.sh",
+]
+NOT_SETTINGS = {"VLM_API_KEY"} | {
+    name for path in SCRIPTS if path.is_file() for name in NAME.findall(path.read_text())
+} - {f"VLM_{name.upper()}" for name in Settings.model_fields}
 
 
 def table_rows(text: str) -> dict[str, tuple[str, str]]:

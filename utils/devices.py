@@ -5,8 +5,9 @@ utils/api/devices.py's."""
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -165,6 +166,8 @@ def check_device(settings: Settings, core: CoreLike | None = None) -> list[str]:
     """Validate VLM_DEVICE against the machine and VLM_OV_CONFIG; return the
     devices the model may run on. Raises DeviceError with a readable message."""
     validate_ov_config(settings.ov_config)
+    if uses_gpu(settings.device) and (problem := gpu_access_problem()) is not None:
+        logger.warning("VLM_DEVICE=%s: %s", settings.device, problem)
     core = core or default_core()
     available = list(core.available_devices)
     devices = resolve_device(settings.device, available)
@@ -188,6 +191,38 @@ def _warn_unknown_properties(config: dict[str, Any], devices: list[str], core: C
                 key,
                 ", ".join(devices),
             )
+
+
+def _can_open(node: Path) -> bool:
+    return os.access(node, os.R_OK | os.W_OK)
+
+
+def gpu_access_problem(
+    dri: Path = Path("/dev/dri"), can_open: Callable[[Path], bool] = _can_open
+) -> str | None:
+    """What keeps this process from an Intel GPU's render node, in one line, or None.
+
+    OpenVINO only reports "GPU not available"; this names the missing piece: the
+    device directory (not passed into the container), the render node, or the
+    group that may open it.
+    """
+    if not dri.is_dir():
+        return (
+            f"{dri} does not exist: no GPU device is visible here (Docker: run with "
+            "compose.gpu.yaml, which passes /dev/dri; host: the i915 or xe kernel driver)"
+        )
+    nodes = sorted(dri.glob("renderD*"))
+    if not nodes:
+        return f"{dri} has no renderD* node: the GPU's kernel driver (i915 or xe) is not loaded"
+    if any(can_open(node) for node in nodes):
+        return None
+    node = nodes[0]
+    gid = node.stat().st_gid
+    return (
+        f"{node} belongs to group {gid}, which this process (uid {os.getuid()}, groups "
+        f"{','.join(map(str, os.getgroups()))}) is not in: Docker: set RENDER_GID={gid} "
+        "in .env (setup.sh does); host: usermod -aG render $USER"
+    )
 
 
 def uses_gpu(device: str) -> bool:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 
@@ -80,7 +80,16 @@ class Settings(BaseSettings):
 
     # --- server -----------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address the server listens on.")
-    port: int = Field(8000, ge=1, le=65535, description="Port the server listens on.")
+    port: int = Field(
+        8000, ge=1, le=65535, description="Port the server listens on (alias: VLM_SERVICE_PORT)."
+    )
+    service_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Alias of VLM_PORT, the name comparable deployments use; giving both "
+        "with different values is an error.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
@@ -191,9 +200,27 @@ class Settings(BaseSettings):
     def _device_upper(cls, value: str) -> str:
         return value.strip().upper()  # OpenVINO device names are upper case
 
+    @model_validator(mode="after")
+    def _port_alias(self) -> Settings:
+        return apply_port_alias(self)
+
     @property
     def public_model_name(self) -> str:
         return self.served_model_name or self.model_name
+
+
+def apply_port_alias(settings: Settings) -> Settings:
+    """VLM_SERVICE_PORT stands for VLM_PORT; the two naming different ports is refused."""
+    alias = settings.service_port
+    if alias is None:
+        return settings
+    if "port" in settings.model_fields_set and settings.port != alias:
+        raise ValueError(
+            f"VLM_PORT={settings.port} and VLM_SERVICE_PORT={alias} disagree: "
+            "set one of them (VLM_SERVICE_PORT is an alias of VLM_PORT)"
+        )
+    settings.port = alias
+    return settings
 
 
 class SettingsLoadError(ValueError):
@@ -209,6 +236,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
+            if not error["loc"]:  # a check across settings names its variables itself
+                lines.append(error["msg"].removeprefix("Value error, "))
+                continue
             name = "VLM_" + "_".join(str(part) for part in error["loc"][:1]).upper()
             value = error.get("input")
             shown = value if isinstance(value, str) else json.dumps(value, default=str)

@@ -12,6 +12,8 @@ the weights with NNCF.
 - Atomic: an export is written to a temporary directory and renamed into place, so
   an interrupted export never looks complete; an incomplete or damaged one is
   removed and redone.
+- One filesystem: every temporary file of an export is made beside it in the cache
+  directory and removed afterwards, so no rename crosses a mount (a Docker volume).
 - One at a time: a file lock per export key keeps concurrent processes from
   exporting the same model twice.
 - Clear failures: `ModelExportError` says which model failed and what to set.
@@ -52,6 +54,7 @@ from utils.models.manifest import (
     prebuilt_ir,
     write_manifest,
 )
+from utils.models.scratch import temp_files_in
 from utils.models.tiny import ModelKind, ModelSize
 
 logger = logging.getLogger(__name__)
@@ -295,11 +298,12 @@ def export_model(
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    scratch = tmp.with_name(f"{tmp.name}-scratch")  # beside tmp: same filesystem
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # The tracer and the libraries warn a lot about their own internals, which a
         # user cannot act on (and a warnings-as-errors run would abort the trace).
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), temp_files_in(scratch):
             warnings.simplefilter("ignore")
             _convert_and_compress(source, tmp, spec, name, trust_remote_code)
         with _phase("save", name):
