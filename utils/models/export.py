@@ -52,6 +52,7 @@ from utils.models.manifest import (
     prebuilt_ir,
     write_manifest,
 )
+from utils.models.support import check_model_dir
 from utils.models.tiny import ModelKind, ModelSize
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,11 @@ EMBEDDED_MODELS: dict[str, tuple[ModelKind, ModelSize]] = {
     "embedded/tiny-qwen2-vl": ("qwen2-vl", "tiny"),
     "embedded/tiny-llava": ("llava", "tiny"),
     "embedded/random-qwen2-vl-2b": ("qwen2-vl", "2b"),
+    "embedded/tiny-qwen2.5-vl": ("qwen2.5-vl", "tiny"),
+    "embedded/tiny-qwen3-vl": ("qwen3-vl", "tiny"),
+    "embedded/tiny-gemma3": ("gemma3", "tiny"),
+    "embedded/tiny-llava-next": ("llava-next", "tiny"),
+    "embedded/tiny-llava-next-video": ("llava-next-video", "tiny"),
 }
 TASK = "image-text-to-text"
 
@@ -75,7 +81,14 @@ EMBEDDED_PREFIX = "embedded/"
 EMBEDDED_TINY_MAX_GROUP_SIZE = 16
 
 
-_SOURCE_FILES = ("tiny.py", "export.py")
+# Everything that shapes an embedded model's files: the export cache key follows it.
+_SOURCE_FILES = (
+    "tiny.py",
+    "tiny_common.py",
+    "tiny_families.py",
+    "tiny_templates.py",
+    "export.py",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +211,10 @@ def preflight(settings: Settings) -> None:
     import importlib.util
 
     name = settings.model_name
-    if prebuilt_ir(name) is not None:
+    if (prebuilt := prebuilt_ir(name)) is not None:
+        check_model_dir(prebuilt, name, trust_remote_code=True)
         return
-    check_model_name(name)
+    check_model_name(name, trust_remote_code=settings.trust_remote_code)
     spec = effective_spec(name, CompressionSpec.from_settings(settings))
     target = export_dir_for(name, spec, Path(settings.model_cache_dir))
     if check_export(target) is None:
@@ -374,8 +388,9 @@ def resolve_source(model_name: str, cache_dir: Path, *, token: str | None = None
         return download_model(model_name, token=token)
 
 
-def check_model_name(model_name: str) -> None:
-    """Fail early on a name that can be neither a local model directory nor a Hub id."""
+def check_model_name(model_name: str, *, trust_remote_code: bool = False) -> None:
+    """Fail early on a name that can be neither a local model directory nor a Hub id,
+    and on a local directory whose model the server cannot run (utils.models.support)."""
     if model_name.startswith(EMBEDDED_PREFIX):
         if model_name not in EMBEDDED_MODELS:
             raise ModelExportError(
@@ -390,6 +405,7 @@ def check_model_name(model_name: str) -> None:
                 f"Model directory '{model_name}' has no config.json: point VLM_MODEL_NAME at a "
                 "Hugging Face model directory."
             )
+        check_model_dir(path, model_name, trust_remote_code=trust_remote_code)
     elif _looks_like_path(model_name):
         raise ModelExportError(
             f"Model directory '{model_name}' does not exist. Set VLM_MODEL_NAME to an existing "
@@ -409,7 +425,7 @@ def ensure_model_dir(
     if (prebuilt := prebuilt_ir(model_name)) is not None:
         logger.info("serving the OpenVINO IR in %s as it is", prebuilt)
         return prebuilt
-    check_model_name(model_name)
+    check_model_name(model_name, trust_remote_code=trust_remote_code)
     spec = effective_spec(model_name, spec)
     target = export_dir_for(model_name, spec, cache_dir)
     started = time.perf_counter()
@@ -426,6 +442,7 @@ def ensure_model_dir(
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("exporting %s (%s) to %s", model_name, spec.slug, target)
         source = resolve_source(model_name, cache_dir, token=os.environ.get("HF_TOKEN"))
+        check_model_dir(source, model_name, trust_remote_code=trust_remote_code)
         export_model(
             source,
             target,
