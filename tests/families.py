@@ -60,7 +60,30 @@ FAMILY = {family.kind: family for family in FAMILIES}
 # Families the engine runs only with their own Python code (trust_remote_code), which
 # cannot be had offline: not in the suite.
 REMOTE_CODE_FAMILIES = (
-    ("InternVL2", "internvl_chat", "OpenGVLab/InternVL2-2B"),
-    ("MiniCPM-V 2.6", "minicpmv", "openbmb/MiniCPM-V-2_6"),
-    ("Phi-3.5-vision", "phi3_v", "microsoft/Phi-3.5-vision-instruct"),
+    ("InternVL2", "internvl_chat"),
+    ("MiniCPM-V 2.6", "minicpmv"),
+    ("Phi-3.5-vision", "phi3_v"),
+    ("Phi-4-multimodal", "phi4mm"),
+)
+
+# What tests/test_families.py checks for every family, by test function; the README
+# table says "tested" only with these (tests/test_models_table.py holds them equal).
+CHECKS = {
+    "test_one_image": "one image",
+    "test_several_images": "several images",
+    "test_images_across_turns": "images across turns",
+    "test_video": "video",
+    "test_refusals_are_400_before_the_engine_runs": "refusals",
+    "test_context_check_at_its_boundary": "context check",
+    "test_model_config_of_the_export": "context key",
+    "test_http_streamed_and_not": "HTTP streamed and not",
+    "test_http_refusals_are_400": "HTTP refusals",
+}
+
+# Model types refused at start-up (utils.models.support), for the README.
+REFUSED_FAMILIES = (
+    ("Qwen3-VL MoE", "qwen3_vl_moe"),
+    ("Idefics3", "idefics3"),
+    ("SmolVLM", "smolvlm"),
+    ("Mistral 3", "mistral3"),
 )
