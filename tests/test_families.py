@@ -173,6 +173,11 @@ async def test_one_image(family_engine: Engine) -> None:
     request = make_request(user(image_tag(0) + "Describe the picture."), [image(48, 64)])
     prompt = await family_engine.check(request)
     assert prompt > 10
+    # one BOS at most: a template that writes it (Gemma 3) loses its own
+    preparer = family_engine.served.preparer
+    ids = preparer.tokenizer.encode(preparer.prepare(request).prompt).input_ids
+    bos = int(preparer.tokenizer.get_bos_token_id())
+    assert ids.data.ravel().tolist()[:2] != [bos, bos]
 
 
 @ON_LOOP
