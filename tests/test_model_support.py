@@ -46,6 +46,28 @@ def test_an_openvino_ir_of_an_unsupported_type_is_refused_at_preflight(tmp_path:
         export.preflight(Settings(model_name=str(directory), model_cache_dir=tmp_path / "c"))
 
 
+def test_a_hub_model_of_an_unsupported_type_is_refused_at_preflight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Hub's copy of config.json is enough: nothing is downloaded."""
+    import huggingface_hub
+
+    hub_config: dict[str, Any] = {"model_type": "idefics3"}
+
+    class Info:
+        config = hub_config
+
+    monkeypatch.setattr(export, "cached_snapshot", lambda name, token: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, name, **kw: Info())
+    settings = Settings(model_name="someone/idefics3-model", model_cache_dir=tmp_path)
+    with pytest.raises(ModelExportError, match="model_type 'idefics3'"):
+        export.preflight(settings)
+    hub_config.update(model_type="internvl_chat", auto_map={"AutoModel": "x.Y"})
+    with pytest.raises(ModelExportError, match="VLM_TRUST_REMOTE_CODE"):
+        export.preflight(settings)
+    export.preflight(settings.model_copy(update={"trust_remote_code": True}))
+
+
 def test_remote_code_needs_the_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     auto_map = {"AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel"}
     directory = model_dir(tmp_path, model_type="internvl_chat", auto_map=auto_map)

@@ -52,7 +52,7 @@ from utils.models.manifest import (
     prebuilt_ir,
     write_manifest,
 )
-from utils.models.support import check_model_dir
+from utils.models.support import check_config, check_model_dir
 from utils.models.tiny import ModelKind, ModelSize
 
 logger = logging.getLogger(__name__)
@@ -218,6 +218,7 @@ def preflight(settings: Settings) -> None:
     spec = effective_spec(name, CompressionSpec.from_settings(settings))
     target = export_dir_for(name, spec, Path(settings.model_cache_dir))
     if check_export(target) is None:
+        check_model_dir(target, name, trust_remote_code=True)  # the export runs no code
         return
     if any(importlib.util.find_spec(m) is None for m in ("torch", "optimum", "huggingface_hub")):
         raise ModelExportError(
@@ -227,14 +228,16 @@ def preflight(settings: Settings) -> None:
     if name.startswith(EMBEDDED_PREFIX) or Path(name).expanduser().is_dir():
         return
     token = os.environ.get("HF_TOKEN")
-    if cached_snapshot(name, token) is not None:
+    if (snapshot := cached_snapshot(name, token)) is not None:
+        check_model_dir(snapshot, name, trust_remote_code=settings.trust_remote_code)
         return
     from huggingface_hub import HfApi
 
     try:
-        HfApi().model_info(name, token=token, timeout=15)
+        info = HfApi().model_info(name, token=token, timeout=15)
     except (OSError, ValueError) as exc:
         raise hub_error(name, exc) from exc
+    check_config(info.config or {}, name, trust_remote_code=settings.trust_remote_code)
 
 
 def _convert(source: Path, out_dir: Path, spec: CompressionSpec, trust_remote_code: bool) -> None:

@@ -72,7 +72,11 @@ def unsupported_reason(model_type: str) -> str | None:
 
 def check_model_dir(directory: Path, model_name: str, *, trust_remote_code: bool) -> None:
     """Raises ModelExportError (one line) when the model in `directory` cannot be served."""
-    config = read_config(directory)
+    check_config(read_config(directory), model_name, trust_remote_code=trust_remote_code)
+
+
+def check_config(config: dict[str, Any], model_name: str, *, trust_remote_code: bool) -> None:
+    """The same check on a config.json's content (a local file, or the Hub's copy)."""
     model_type = config.get("model_type")
     if isinstance(model_type, str) and (reason := unsupported_reason(model_type)):
         raise ModelExportError(
