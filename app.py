@@ -47,6 +47,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             model_dir = await asyncio.to_thread(ensure_model, settings)
             engine = EngineClient(settings, model_dir)
             await engine.start()
+        except ModelExportError as exc:  # says what to change, in one line
+            logger.error("the model could not be loaded; /ready stays 503: %s", exc)
+            raise
         except Exception:
             logger.exception("the model could not be loaded; /ready stays 503")
             raise

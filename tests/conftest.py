@@ -33,11 +33,58 @@ pytest_plugins = ["tests.fixtures.models", "tests.fixtures.server"]
 # Each test gets one marker from the fixtures it uses, so a group runs alone:
 # `scripts/test.sh -m unit` (seconds), `-m engine` (the OpenVINO pipelines on the
 # tiny models), `-m live` (a real server on loopback).
-_LIVE = {"live_server", "ready_server"}
-_ENGINE = {"qwen2vl_ir", "llava_ir", "qwen2vl_hf", "llava_hf", "int8_export"}
+# The family matrix (tests/test_families.py) is marked `families` as well:
+# `-m "not families"` skips it, `--family NAME` (repeatable) runs only those families.
+_LIVE = {"live_server", "ready_server", "family_server"}
+_ENGINE = {
+    "qwen2vl_ir",
+    "llava_ir",
+    "qwen2vl_hf",
+    "llava_hf",
+    "int8_export",
+    "family_engine",
+    "family_ir",
+}
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--family",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="run the family matrix for this model family only (e.g. qwen3-vl); repeatable",
+    )
+
+
+def _family_of(item: pytest.Item) -> str | None:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    for name in ("family_engine", "family_server", "family_ir"):
+        value = params.get(name)
+        if isinstance(value, tuple):
+            return str(value[0])
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wanted = set(config.getoption("--family"))
+    if wanted:
+        from tests.families import FAMILY
+
+        unknown = wanted - set(FAMILY)
+        if unknown:
+            raise pytest.UsageError(
+                f"unknown --family {', '.join(sorted(unknown))}; one of {', '.join(FAMILY)}"
+            )
+        keep, drop = [], []
+        for item in items:
+            is_matrix = item.get_closest_marker("families") is not None
+            (drop if is_matrix and _family_of(item) not in wanted else keep).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         marker = "live" if names & _LIVE else "engine" if names & _ENGINE else "unit"

@@ -25,7 +25,7 @@ from utils.engine.model_config import ModelConfig
 from utils.engine.prompt import Preparer
 from utils.engine.tags import image_tag, video_tag
 from utils.engine.types import GenerationRequest, SamplingParams
-from utils.engine.visual_tokens import VisualTokenCounter
+from utils.engine.visual_tokens import MediaRefused, VisualTokenCounter
 
 TEXT = "Привет, мир! 你好世界 — héllo 😀🎉 naïve café ñ 日本語のテキスト ok"
 
@@ -128,10 +128,14 @@ def test_stop_matcher_across_chunks() -> None:
 
 def test_visual_token_counts_qwen2vl(qwen2vl_ir: Path) -> None:
     counter = VisualTokenCounter.for_model(ModelConfig.read(qwen2vl_ir))
-    assert counter.image((112, 112, 3)) == 16 + 2
-    assert counter.image((10, 10, 3)) == 4 + 2  # upscaled to the minimum (56x56)
-    assert counter.image((4000, 4000, 3)) <= 200704 // 28**2 + 2  # capped
-    assert counter.video((4, 112, 112, 3)) == 2 * 16 + 2
+    assert counter.image((112, 112, 3)).tokens == 16
+    assert counter.image((112, 112, 3)).text == "<|vision_start|><|vision_end|>"
+    assert counter.image((10, 10, 3)).tokens == 4  # upscaled to the minimum (56x56)
+    assert counter.image((4000, 4000, 3)).tokens <= 200704 // 28**2  # capped
+    assert counter.image((70, 70, 3)).tokens == 9  # 70 / 28 = 2.5 rounds up, as in C++
+    assert counter.video((4, 112, 112, 3)).tokens == 2 * 16
+    with pytest.raises(MediaRefused):
+        counter.image((4, 1000, 3))  # 250:1
 
 
 @pytest.mark.parametrize("kind", ["qwen2-vl", "llava"])

@@ -64,6 +64,7 @@ async def build_generation_request(
 
     images: list[np.ndarray] = []
     videos: list[np.ndarray] = []
+    video_fps: list[float] = []
     messages: list[dict[str, str]] = []
     for message in req.messages:
         role = "system" if message.role == "developer" else message.role
@@ -86,6 +87,7 @@ async def build_generation_request(
                 assert media.video is not None
                 pieces.append(video_tag(len(videos)))
                 videos.append(media.video)
+                video_fps.append(media.fps)
             else:  # no native video: the sampled frames go in as images
                 assert media.video is not None
                 for frame in media.video:
@@ -93,5 +95,10 @@ async def build_generation_request(
                     images.append(np.ascontiguousarray(frame))
         messages.append({"role": role, "content": "".join(pieces)})
     return GenerationRequest(
-        request_id=request_id, messages=messages, params=params, images=images, videos=videos
+        request_id=request_id,
+        messages=messages,
+        params=params,
+        images=images,
+        videos=videos,
+        video_fps=video_fps,
     )

@@ -85,7 +85,9 @@ class CBBackend(Backend):
         try:
             prep = self.preparer.prepare(request)
             started = time.perf_counter()
-            handle = self.pipe.add_request(rid, prep.prompt, prep.images, prep.videos, prep.config)
+            handle = self.pipe.add_request(
+                rid, prep.prompt, prep.images, prep.videos, prep.config, **prep.media_kwargs()
+            )
             self.add_seconds += 0.2 * (time.perf_counter() - started - self.add_seconds)
         except Exception as exc:
             self.fail(rid, exc)

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Model types whose OpenVINO GenAI pipeline takes `videos=` natively.
-VIDEO_MODEL_TYPES = frozenset(
-    {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next_video"}
-)
+# Model types whose OpenVINO GenAI pipeline takes `videos=` natively; the others
+# (llava, llava_next, gemma3, ...) get a video's frames as separate images.
+VIDEO_MODEL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next_video"})
 DEFAULT_MAX_CONTEXT = 32768
 
 

@@ -4,7 +4,8 @@ template, tensors, the context check and the GenerationConfig."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 from utils.engine.model_config import ModelConfig
 from utils.engine.tags import TAG_RE, tag_refs
 from utils.engine.types import GenerationRequest, SamplingParams
-from utils.engine.visual_tokens import VisualTokenCounter
+from utils.engine.visual_tokens import MediaRefused, Visual, VisualTokenCounter
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,12 @@ class Prepared:
     prompt_tokens: int  # 0 until counted
     replicate: int  # greedy n > 1: one sequence, copied to n choices
     visual_tokens: int = 0
+    media: list[Visual] = field(default_factory=list)  # of images, then videos
+    videos_metadata: list[Any] | None = None  # openvino_genai.VideoMetadata per video
+
+    def media_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of add_request / generate for the media."""
+        return {"videos_metadata": self.videos_metadata} if self.videos_metadata else {}
 
 
 class Preparer:
@@ -54,6 +61,18 @@ class Preparer:
         self.video_native = model.supports_video
         self.base_config_path = self.model_dir / "generation_config.json"
         self.eos_token_id = int(tokenizer.get_eos_token_id())
+        self.leading_bos = self._added_bos(tokenizer)
+
+    @staticmethod
+    def _added_bos(tokenizer: Any) -> str:
+        """The BOS text when the tokenizer adds BOS itself (Gemma, Llama-style), else ""."""
+        try:
+            bos_id = int(tokenizer.get_bos_token_id())
+            bos = str(tokenizer.get_bos_token())
+            ids = tokenizer.encode("a").input_ids.data.ravel().tolist()
+        except Exception:  # a tokenizer without BOS
+            return ""
+        return bos if bos and bos_id >= 0 and ids[:1] == [bos_id] else ""
 
     def prepare(self, request: GenerationRequest) -> Prepared:
         params = request.params
@@ -63,15 +82,24 @@ class Preparer:
             raise RequestError(
                 400, f"Model type {self.model_type} does not take video input.", "invalid_media"
             )
+        fps = [float(f) for f in request.video_fps] + [0.0] * len(videos)
+        try:
+            media = [self.visual.image(img.shape) for img in images]
+            media += [self.visual.video(vid.shape, fps[i]) for i, vid in enumerate(videos)]
+        except MediaRefused as exc:
+            raise RequestError(400, str(exc), "invalid_media") from exc
         prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
-        visual = sum(self.visual.image(img.shape) for img in images)
-        visual += sum(self.visual.video(vid.shape) for vid in videos)
+        if self.leading_bos and prompt.startswith(self.leading_bos):
+            # the tokenizer adds BOS itself: a template's own would make two
+            prompt = prompt[len(self.leading_bos) :]
+        visual = sum(m.tokens for m in media)
         prompt_tokens = 0  # counted later, unless the prompt may come near the context
         # Tokenizing costs more than the rest of the preparation; a token has at least
         # one byte, so a prompt whose bytes fit with room to spare needs no count yet.
-        upper = len(prompt.encode()) + visual + 8
+        text_bytes = sum(len(m.text.encode()) + len(m.separate_text.encode()) for m in media)
+        upper = len(prompt.encode()) + text_bytes + visual + 8
         if upper + params.max_new_tokens > self.max_context:
-            prompt_tokens = self.count(prompt, visual)
+            prompt_tokens = self.count(prompt, media, len(images))
             if prompt_tokens >= self.max_context:
                 raise RequestError(
                     400,
@@ -93,16 +121,45 @@ class Preparer:
             prompt_tokens=prompt_tokens,
             replicate=replicate,
             visual_tokens=visual,
+            media=media,
+            videos_metadata=self._videos_metadata(videos, fps),
         )
 
-    def count(self, prompt: str, visual: int) -> int:
-        """Prompt tokens with visual tokens, as the pipeline will see them."""
-        text = TAG_RE.sub(self.visual.tag_text, prompt)
-        return int(self.tokenizer.encode(text).input_ids.get_shape()[1]) + visual
+    def _videos_metadata(self, videos: list[Any], fps: list[float]) -> list[Any] | None:
+        """Qwen3-VL samples a video's frames again unless told which to keep: keep all
+        the frames the server decoded, at their frame rate."""
+        if not videos or self.model_type != "qwen3_vl":
+            return None
+        metadata = []
+        for i, video in enumerate(videos):
+            meta = self.genai.VideoMetadata()
+            meta.frames_indices = list(range(int(video.shape[0])))
+            if fps[i] > 0:
+                meta.fps = fps[i]
+            metadata.append(meta)
+        return metadata
+
+    def count(self, prompt: str, media: list[Visual], n_images: int) -> int:
+        """Prompt tokens with visual tokens, as the pipeline will see them; `media` are
+        the images' then the videos' Visuals."""
+
+        def text_of(match: re.Match[str]) -> str:
+            index = int(match.group(2)) + (n_images if match.group(1) == "video" else 0)
+            return media[index].text if index < len(media) else ""
+
+        text = TAG_RE.sub(text_of, prompt)
+        tokens = self._tokens(text) + sum(m.tokens for m in media)
+        separate = [m.separate_text for m in media if m.separate_text]
+        return tokens + sum(self._tokens(t, special=False) for t in separate)
+
+    def _tokens(self, text: str, *, special: bool = True) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=special).input_ids
+        return int(ids.get_shape()[1])
 
     def prompt_tokens(self, prep: Prepared) -> int:
         if not prep.prompt_tokens:
-            prep.prompt_tokens = self.count(prep.prompt, prep.visual_tokens)
+            n_images = len(prep.images)
+            prep.prompt_tokens = self.count(prep.prompt, prep.media, n_images)
         return prep.prompt_tokens
 
     @staticmethod

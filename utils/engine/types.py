@@ -41,6 +41,7 @@ class GenerationRequest:
     params: SamplingParams
     images: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, HWC
     videos: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, FHWC
+    video_fps: list[float] = field(default_factory=list)  # frame rate of videos[N], 0: unknown
 
 
 @dataclass(slots=True)

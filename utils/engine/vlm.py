@@ -113,6 +113,7 @@ class VLMBackend(Backend):
             videos=active.prep.videos,
             generation_config=config,
             streamer=_Streamer(),
+            **active.prep.media_kwargs(),
         )
         elapsed = time.perf_counter() - started
         self.step_seconds += elapsed - (self.overhead_seconds - overhead)

@@ -33,6 +33,7 @@ class DecodedPart:
 
     image: np.ndarray | None = None
     video: np.ndarray | None = None
+    fps: float = 0.0  # the video's frame rate after sampling (0: unknown, a frame list)
 
 
 def _video_max_pixels(requested: int | None, settings: Settings) -> int:
@@ -130,18 +131,15 @@ class MediaLoader:
         if isinstance(part, ImageURLPart):
             return DecodedPart(image=await self.image(part.image_url.url, where))
         if isinstance(part, VideoURLPart):
+            fps = part.effective_fps or self.settings.video_fps
             video = await self.video_file(
-                part.video_url.url,
-                where,
-                max_pixels=part.effective_max_pixels,
-                fps=part.effective_fps,
+                part.video_url.url, where, max_pixels=part.effective_max_pixels, fps=fps
             )
-            return DecodedPart(video=video)
+            return DecodedPart(video=video, fps=fps)
         assert isinstance(part, VideoPart)
         if isinstance(part.video, str):
-            video = await self.video_file(
-                part.video, where, max_pixels=part.max_pixels, fps=part.fps
-            )
-        else:
-            video = await self.video_frames(part.video, where, max_pixels=part.max_pixels)
-        return DecodedPart(video=video)
+            fps = part.fps or self.settings.video_fps
+            video = await self.video_file(part.video, where, max_pixels=part.max_pixels, fps=fps)
+            return DecodedPart(video=video, fps=fps)
+        video = await self.video_frames(part.video, where, max_pixels=part.max_pixels)
+        return DecodedPart(video=video, fps=part.fps or 0.0)

@@ -55,6 +55,7 @@ from utils.models.manifest import (
     write_manifest,
 )
 from utils.models.scratch import temp_files_in
+from utils.models.support import check_config, check_model_dir
 from utils.models.tiny import ModelKind, ModelSize
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,11 @@ EMBEDDED_MODELS: dict[str, tuple[ModelKind, ModelSize]] = {
     "embedded/tiny-qwen2-vl": ("qwen2-vl", "tiny"),
     "embedded/tiny-llava": ("llava", "tiny"),
     "embedded/random-qwen2-vl-2b": ("qwen2-vl", "2b"),
+    "embedded/tiny-qwen2.5-vl": ("qwen2.5-vl", "tiny"),
+    "embedded/tiny-qwen3-vl": ("qwen3-vl", "tiny"),
+    "embedded/tiny-gemma3": ("gemma3", "tiny"),
+    "embedded/tiny-llava-next": ("llava-next", "tiny"),
+    "embedded/tiny-llava-next-video": ("llava-next-video", "tiny"),
 }
 TASK = "image-text-to-text"
 
@@ -78,7 +84,14 @@ EMBEDDED_PREFIX = "embedded/"
 EMBEDDED_TINY_MAX_GROUP_SIZE = 16
 
 
-_SOURCE_FILES = ("tiny.py", "export.py")
+# Everything that shapes an embedded model's files: the export cache key follows it.
+_SOURCE_FILES = (
+    "tiny.py",
+    "tiny_common.py",
+    "tiny_families.py",
+    "tiny_templates.py",
+    "export.py",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,12 +214,14 @@ def preflight(settings: Settings) -> None:
     import importlib.util
 
     name = settings.model_name
-    if prebuilt_ir(name) is not None:
+    if (prebuilt := prebuilt_ir(name)) is not None:
+        check_model_dir(prebuilt, name, trust_remote_code=True)
         return
-    check_model_name(name)
+    check_model_name(name, trust_remote_code=settings.trust_remote_code)
     spec = effective_spec(name, CompressionSpec.from_settings(settings))
     target = export_dir_for(name, spec, Path(settings.model_cache_dir))
     if check_export(target) is None:
+        check_model_dir(target, name, trust_remote_code=True)  # the export runs no code
         return
     if any(importlib.util.find_spec(m) is None for m in ("torch", "optimum", "huggingface_hub")):
         raise ModelExportError(
@@ -216,14 +231,16 @@ def preflight(settings: Settings) -> None:
     if name.startswith(EMBEDDED_PREFIX) or Path(name).expanduser().is_dir():
         return
     token = os.environ.get("HF_TOKEN")
-    if cached_snapshot(name, token) is not None:
+    if (snapshot := cached_snapshot(name, token)) is not None:
+        check_model_dir(snapshot, name, trust_remote_code=settings.trust_remote_code)
         return
     from huggingface_hub import HfApi
 
     try:
-        HfApi().model_info(name, token=token, timeout=15)
+        info = HfApi().model_info(name, token=token, timeout=15)
     except (OSError, ValueError) as exc:
         raise hub_error(name, exc) from exc
+    check_config(info.config or {}, name, trust_remote_code=settings.trust_remote_code)
 
 
 def _convert(source: Path, out_dir: Path, spec: CompressionSpec, trust_remote_code: bool) -> None:
@@ -378,8 +395,9 @@ def resolve_source(model_name: str, cache_dir: Path, *, token: str | None = None
         return download_model(model_name, token=token)
 
 
-def check_model_name(model_name: str) -> None:
-    """Fail early on a name that can be neither a local model directory nor a Hub id."""
+def check_model_name(model_name: str, *, trust_remote_code: bool = False) -> None:
+    """Fail early on a name that can be neither a local model directory nor a Hub id,
+    and on a local directory whose model the server cannot run (utils.models.support)."""
     if model_name.startswith(EMBEDDED_PREFIX):
         if model_name not in EMBEDDED_MODELS:
             raise ModelExportError(
@@ -394,6 +412,7 @@ def check_model_name(model_name: str) -> None:
                 f"Model directory '{model_name}' has no config.json: point VLM_MODEL_NAME at a "
                 "Hugging Face model directory."
             )
+        check_model_dir(path, model_name, trust_remote_code=trust_remote_code)
     elif _looks_like_path(model_name):
         raise ModelExportError(
             f"Model directory '{model_name}' does not exist. Set VLM_MODEL_NAME to an existing "
@@ -413,7 +432,7 @@ def ensure_model_dir(
     if (prebuilt := prebuilt_ir(model_name)) is not None:
         logger.info("serving the OpenVINO IR in %s as it is", prebuilt)
         return prebuilt
-    check_model_name(model_name)
+    check_model_name(model_name, trust_remote_code=trust_remote_code)
     spec = effective_spec(model_name, spec)
     target = export_dir_for(model_name, spec, cache_dir)
     started = time.perf_counter()
@@ -430,6 +449,7 @@ def ensure_model_dir(
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("exporting %s (%s) to %s", model_name, spec.slug, target)
         source = resolve_source(model_name, cache_dir, token=os.environ.get("HF_TOKEN"))
+        check_model_dir(source, model_name, trust_remote_code=trust_remote_code)
         export_model(
             source,
             target,
