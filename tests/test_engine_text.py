@@ -251,11 +251,13 @@ def test_slow_adds_release_held_text(cb_backend: tuple[Any, _Outbox]) -> None:
 
 
 def test_outputs_are_read_when_a_piece_is_due_or_the_request_ends(
-    cb_backend: tuple[Any, _Outbox],
+    cb_backend: tuple[Any, _Outbox], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Between two pieces of a stream its tokens wait in the pipeline's queue; a request
     that ends is read at once, and one with stop strings every step."""
     backend, outbox = cb_backend
+    # all three go in together, however slow adding is on a busy machine
+    monkeypatch.setattr(continuous, "ADMIT_BUDGET_S", 60.0)
     backend.stream_interval = 60.0
     backend.add(1, _request(max_new_tokens=3000))
     backend.add(2, _request(max_new_tokens=3000, stop=("never said",)))
