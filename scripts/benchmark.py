@@ -89,17 +89,23 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarize(samples: list[Sample], wall: float, label: str) -> dict[str, Any]:
-    ok = [s for s in samples if s.error is None and s.first is not None and s.end is not None]
-    ttft = [(s.first - s.start) * 1000 for s in ok]  # type: ignore[operator]
+    # (sample, first token, end) of the requests that finished
+    done = [
+        (s, s.first, s.end)
+        for s in samples
+        if s.error is None and s.first is not None and s.end is not None
+    ]
+    ok = [s for s, _, _ in done]
+    ttft = [(first - s.start) * 1000 for s, first, _ in done]
     itl: list[float] = []
     per_request: list[float] = []
     decode_rate: list[float] = []
-    for s in ok:
+    for s, first, end in done:
         times = s.token_times
         itl += [(b - a) * 1000 for a, b in itertools.pairwise(times)]
-        per_request.append(s.tokens / (s.end - s.start))  # type: ignore[operator]
-        if s.tokens > 1 and s.end > s.first:  # type: ignore[operator]
-            decode_rate.append((s.tokens - 1) / (s.end - s.first))  # type: ignore[operator]
+        per_request.append(s.tokens / (end - s.start))
+        if s.tokens > 1 and end > first:
+            decode_rate.append((s.tokens - 1) / (end - first))
     total_tokens = sum(s.tokens for s in ok)
     return {
         "label": label,
