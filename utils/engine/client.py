@@ -376,7 +376,10 @@ class EngineClient:
         for error in outputs.errors:
             request = requests.pop(error.rid, None)
             if request is not None:
-                request.queue.put_nowait(OpenAIError(error.status, error.message, code=error.code))
+                headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+                request.queue.put_nowait(
+                    OpenAIError(error.status, error.message, code=error.code, headers=headers)
+                )
 
     def _expire(self, rid: int) -> None:
         request = self._requests.pop(rid, None)
