@@ -120,7 +120,7 @@ async def test_worker_frozen_half_way_through_a_message(tmp_path: Path) -> None:
     """The worker writes half a message and stops: the event loop keeps serving
     /health at once, and the watchdog fails the request with `engine_stalled`, kills
     the worker and starts a new one."""
-    client = _fake(tmp_path, engine_stall_timeout_s=3.0, ov_config={"fake": "half_frame"})
+    client = _fake(tmp_path, engine_stall_timeout_s=5.0, ov_config={"fake": "half_frame"})
     await client.start()
     app = make_app()
     first_pid = client.pid
@@ -129,6 +129,17 @@ async def test_worker_frozen_half_way_through_a_message(tmp_path: Path) -> None:
     # timer ends such a test by killing the worker (recv then fails) instead of hanging.
     rescue = threading.Timer(60, lambda: os.kill(first_pid, signal.SIGKILL))
     rescue.start()
+    gaps: list[float] = []
+
+    async def ticker() -> None:  # the event loop's longest pause
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticking = asyncio.create_task(ticker())
     try:
         stream = client.generate(_request())
         await asyncio.wait_for(stream.__anext__(), 30)  # accepted; half a frame follows
@@ -140,12 +151,14 @@ async def test_worker_frozen_half_way_through_a_message(tmp_path: Path) -> None:
                 assert (await http.get("/health")).status_code == 200
                 latencies.append(time.monotonic() - t0)
                 await asyncio.sleep(0.05)
-        assert max(latencies) < 1.0, latencies  # generous: the machine is shared
+        # generous bounds: the machine is shared
+        assert max(latencies) < 2.0, latencies
+        assert max(gaps) < 2.0, max(gaps)
         assert client.ready  # not stalled yet: the timeout has not passed
         with pytest.raises(OpenAIError) as info:
-            await asyncio.wait_for(_drain(stream), 3.0 + 15)
+            await asyncio.wait_for(_drain(stream), 5.0 + 15)
         assert info.value.code == "engine_stalled" and info.value.status == 503
-        assert time.monotonic() - started < 3.0 + 15
+        assert time.monotonic() - started < 5.0 + 15
         assert not client.ready and "stalled" in (client.problem or "")
         assert client.stats()["stalls"] == 1
         for _ in range(600):  # restarted (a fake engine starts in a second or two)
@@ -154,7 +167,9 @@ async def test_worker_frozen_half_way_through_a_message(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         assert client.ready and client.pid != first_pid
         assert client.stats()["restarts"] == 1
+        assert max(gaps) < 2.0, max(gaps)
     finally:
+        ticking.cancel()
         rescue.cancel()
         await client.stop()
 
