@@ -159,7 +159,23 @@ def scenarios(max_tokens: int, max_context: int) -> list[Scenario]:
             return "error-body-not-openai-shaped"
         return response.status_code
 
+    def own_client(client: httpx.AsyncClient) -> httpx.AsyncClient:
+        """A client of its own for a request given up mid-way: a cancelled request can
+        leave its connection counted as busy in the shared pool, which a long run would
+        then exhaust (the client, not the server, would stall)."""
+        return httpx.AsyncClient(
+            base_url=client.base_url, headers=client.headers, timeout=client.timeout
+        )
+
     async def stream(
+        client: httpx.AsyncClient, body: dict, *, leave_after: int | None
+    ) -> int | str:
+        if leave_after is not None:
+            async with own_client(client) as own:
+                return await _stream(own, body, leave_after=leave_after)
+        return await _stream(client, body, leave_after=None)
+
+    async def _stream(
         client: httpx.AsyncClient, body: dict, *, leave_after: int | None
     ) -> int | str:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -179,10 +195,11 @@ def scenarios(max_tokens: int, max_context: int) -> list[Scenario]:
             return 200
 
     async def abandon(client: httpx.AsyncClient, body: dict) -> int | str:
-        try:
-            return await asyncio.wait_for(post(client, body), random.uniform(0.01, 0.3))
-        except asyncio.TimeoutError:
-            return "disconnect"
+        async with own_client(client) as own:
+            try:
+                return await asyncio.wait_for(post(own, body), random.uniform(0.01, 0.3))
+            except asyncio.TimeoutError:
+                return "disconnect"
 
     async def raw(client: httpx.AsyncClient, content: bytes) -> int:
         response = await client.post(
