@@ -402,3 +402,43 @@ async def test_messages_reach_the_worker_whole_and_in_order_when_the_pipe_fills(
         parent.close()
         session.sock.close()
         child.close()
+
+
+async def test_kv_cache_exhaustion_loses_no_request(qwen2vl_ir: Path) -> None:
+    """Seven requests that fit the small KV cache one by one (not all together) and one
+    that does not fit at all: the pipeline drops every running request when its cache
+    runs out; the engine runs the dropped ones again, alone, without sending their
+    tokens twice. Each answer is the one it gives alone, the misfit gets 400."""
+    settings = Settings(
+        model_name="tiny", engine="continuous_batching", kv_cache_blocks=16, max_num_seqs=8
+    )
+    client = EngineClient(settings, qwen2vl_ir)
+    await client.start()
+    try:
+        requests = [
+            request(f"Question {i}", images=[], max_new_tokens=1000 if i == 3 else 400)
+            for i in range(8)
+        ]
+
+        async def run(req: GenerationRequest) -> Result | OpenAIError:
+            try:
+                return await collect(client.generate(req))
+            except OpenAIError as exc:
+                return exc
+
+        together = await asyncio.wait_for(asyncio.gather(*(run(r) for r in requests)), 300)
+        misfit = together[3]
+        assert isinstance(misfit, OpenAIError)
+        assert misfit.status == 400 and misfit.code == "context_length_exceeded"
+        for i, req in enumerate(requests):
+            if i == 3:
+                continue
+            got = together[i]
+            assert isinstance(got, Result), got
+            alone = await collect(client.generate(req))
+            assert got.texts == alone.texts and got.tokens == {0: 400}
+            assert got.finish == {0: "length"}
+        assert client.ready and client.stats()["restarts"] == 0
+        await wait_for(lambda: client.stats()["running"] == 0)
+    finally:
+        await client.stop()

@@ -244,3 +244,22 @@ def test_downscaling_keeps_within_the_aspect_ratio_limit() -> None:
     )
     height, width, _ = array.shape
     assert width <= 200 * height
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"),
+    [("mp4", "h264"), ("matroska", "h264"), ("avi", "mpeg4"), ("mpegts", "mpeg4")],
+)
+def test_video_containers_pass_the_signature_check(container: str, codec: str) -> None:
+    data = make_video(frames=12, container=container, codec=codec)
+    assert media.looks_like_video(data)
+    video = decode_video(data, fps=10.0, max_frames=4, max_pixels=BIG, max_decoded_pixels=BIG)
+    assert video.shape[1:] == (48, 64, 3)
+
+
+def test_bytes_that_are_no_container_never_reach_decord() -> None:
+    """decord keeps memory for every input it fails to open: garbage is refused first."""
+    for data in (b"\x00" * 400, b"this is not a video" * 50, b"RIFF....WAVEfmt " + b"x" * 99):
+        assert not media.looks_like_video(data)
+        with pytest.raises(MediaDecodeError, match="not a supported video format"):
+            decode_video(data, fps=1, max_frames=4, max_pixels=BIG, max_decoded_pixels=BIG)

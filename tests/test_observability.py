@@ -32,6 +32,8 @@ _INFO = ModelInfo("tiny", "qwen2_vl", "/models/tiny", True, 4096)
 @dataclass
 class _StandInEngine:
     ready: bool = True
+    failed: bool = False
+    problem: str | None = None
     counters: dict[str, float] = field(
         default_factory=lambda: {
             "queue_depth": 3,

@@ -141,6 +141,19 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         600.0, gt=0.0, description="Longest time one request may wait and run."
     )
+    engine_stall_timeout_s: float = Field(
+        30.0,
+        ge=0.0,
+        description="The engine process is taken as stalled, failed and restarted when "
+        "it has requests and neither finished a step nor used CPU time for this long "
+        "(a long prefill uses CPU time and is not a stall); 0 turns the watchdog off.",
+    )
+    engine_max_restarts: int = Field(
+        5,
+        ge=0,
+        description="Engine restarts in a row, with no generation served in between, "
+        "before the server stops trying and reports the model as failed in /ready.",
+    )
     stream_interval_ms: float = Field(
         20.0,
         ge=0.0,

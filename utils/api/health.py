@@ -2,7 +2,8 @@
 
 - `/health`: liveness, 200 while the process serves HTTP (no key needed);
 - `/ready`: 200 once the engine is loaded and warmed up, 503 (OpenAI error
-  body) while loading, restarting or after a failed load;
+  body) while loading, restarting (with the reason: a crash, a stall) or after a
+  failed load or too many failed restarts (with the last error);
 - `/metrics`: Prometheus text (utils/api/metrics.py);
 - `/status` and `/queue`: JSON summaries.
 """
@@ -39,9 +40,13 @@ async def ready(state: State) -> JSONResponse:
         "restarting": "The engine is restarting; retry shortly.",
         "failed": "The model failed to load; see the server log.",
     }
+    message = messages[phase]
+    problem = state.engine.problem if state.engine is not None else None
+    if problem:
+        message = f"{message} Cause: {problem}."
     raise OpenAIError(
         503,
-        messages[phase],
+        message,
         code=f"model_{phase}",
         headers={"Retry-After": "5"} if phase != "failed" else None,
     )
@@ -91,6 +96,8 @@ async def status(state: State) -> dict[str, Any]:
         "queue": _queue(state),
         "generations_served": int(stats.get("generations_served", 0) or 0),
         "engine_restarts": int(stats.get("restarts", 0) or 0),
+        "engine_stalls": int(stats.get("stalls", 0) or 0),
+        "engine_problem": engine.problem if engine is not None else None,
         "kv_cache_usage": float(stats.get("kv_cache_usage", 0.0) or 0.0),
         "totals": totals,
     }

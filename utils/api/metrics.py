@@ -60,6 +60,12 @@ class _EngineCollector:
             yield gauge
         for key, name, doc in (
             ("restarts", "vlm_engine_restarts", "Times the engine process was restarted."),
+            (
+                "stalls",
+                "vlm_engine_stalls",
+                "Times the engine process stalled (work pending, no step, no CPU time) and "
+                "was killed.",
+            ),
             ("generations_served", "vlm_generations_served", "Generations the engine finished."),
             (
                 "engine_pipeline_seconds",

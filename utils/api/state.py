@@ -31,9 +31,12 @@ class AppState:
 
     @property
     def phase(self) -> str:
-        """`ready`, `restarting`, `loading` or `failed` (the model could not be loaded)."""
+        """`ready`, `restarting`, `loading` or `failed` (the model could not be loaded, or
+        the engine failed every restart)."""
         if self.engine is not None:
-            return "ready" if self.engine.ready else "restarting"
+            if self.engine.ready:
+                return "ready"
+            return "failed" if self.engine.failed else "restarting"
         loader = self.loader
         if loader is not None and loader.done() and not loader.cancelled() and loader.exception():
             return "failed"

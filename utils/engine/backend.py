@@ -49,7 +49,18 @@ class Channel(Protocol):
 class ChoiceState:
     """One output sequence (an OpenAI choice): tokens, text stream, stop strings."""
 
-    __slots__ = ("closed", "detok", "finish", "held", "index", "last_sent", "stop", "tokens")
+    __slots__ = (
+        "closed",
+        "detok",
+        "finish",
+        "held",
+        "ids",
+        "index",
+        "last_sent",
+        "replayed",
+        "stop",
+        "tokens",
+    )
 
     def __init__(
         self, index: int, stops: Sequence[str], table: ByteTokenTable | None = None
@@ -61,6 +72,8 @@ class ChoiceState:
         )
         self.stop = StopMatcher(stops)
         self.tokens = 0
+        self.ids: list[int] = []  # generated so far (to check a replay against)
+        self.replayed: int | None = None  # of `ids`, seen again while replaying
         self.finish: str | None = None
         self.held = ""  # text waiting for the stream interval
         self.last_sent = -1.0

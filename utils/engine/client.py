@@ -7,7 +7,11 @@ utils/engine/messages.py. One message per scheduler step holds the outputs of ev
 running request, fanned out here to per-request asyncio queues.
 
 If the worker dies, every request in flight gets an `OpenAIError(500)` at once,
-`ready` turns False and the worker is restarted (with backoff) by itself.
+`ready` turns False and the worker is restarted (with backoff) by itself. If it
+stalls (work pending, no step finished and no CPU time used for
+VLM_ENGINE_STALL_TIMEOUT_S; utils/engine/watchdog.py), the same happens with a 503
+`engine_stalled` after a SIGKILL. After VLM_ENGINE_MAX_RESTARTS restarts in a row
+with no generation served in between, it stops trying and reports `failed`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from utils.devices import engine_properties
 from utils.engine import worker
@@ -34,6 +41,7 @@ from utils.engine.messages import (
 from utils.engine.model_config import ModelConfig
 from utils.engine.session import Session
 from utils.engine.types import GenerationEvent, GenerationRequest, ModelInfo
+from utils.engine.watchdog import StallDetector, cpu_seconds
 from utils.errors import OpenAIError
 from utils.settings import Settings
 
@@ -42,6 +50,7 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
+WATCH_INTERVAL_S = 1.0  # at most; shorter for short stall timeouts
 
 
 def model_info(settings: Settings, model_dir: Path, model: ModelConfig) -> ModelInfo:
@@ -82,8 +91,16 @@ class _Request:
 class EngineClient:
     """Implements utils.generation.Engine with the worker process behind it."""
 
-    def __init__(self, settings: Settings, model_dir: Path | str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        model_dir: Path | str,
+        *,
+        target: Callable[[Any, WorkerConfig], None] = worker.main,
+    ) -> None:
+        """`target` is the engine process's entry point (tests give stand-ins)."""
         self._settings = settings
+        self._target = target
         self._model_dir = Path(model_dir)
         self._model = ModelConfig.read(self._model_dir)
         self._info = model_info(settings, self._model_dir, self._model)
@@ -97,8 +114,12 @@ class EngineClient:
         self._watch_task: asyncio.Task | None = None
         self._backend = ""
         self._restarts = 0
+        self._stalls = 0
+        self._strikes = 0  # restarts since a generation was last served
+        self._problem: str | None = None  # why the engine is not ready
+        self._failed = False  # gave up restarting
         self._served = 0
-        self._failed = 0
+        self._requests_failed = 0
         self._running = 0
         self._waiting = 0
         self._kv_usage = 0.0
@@ -114,6 +135,16 @@ class EngineClient:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    @property
+    def failed(self) -> bool:
+        """True once the engine failed VLM_ENGINE_MAX_RESTARTS restarts in a row."""
+        return self._failed
+
+    @property
+    def problem(self) -> str | None:
+        """Why the engine is not ready (a crash, a stall, a failed restart), if known."""
+        return None if self._ready else self._problem
 
     @property
     def backend(self) -> str:
@@ -135,7 +166,8 @@ class EngineClient:
             "kv_cache_usage": self._kv_usage,
             "restarts": self._restarts,
             "generations_served": self._served,
-            "generations_failed": self._failed,
+            "generations_failed": self._requests_failed,
+            "stalls": self._stalls,
             "max_queue": self._settings.max_queue,
             "engine_pipeline_seconds": self._pipeline_seconds,
             "engine_loop_overhead_seconds": self._overhead_seconds,
@@ -177,7 +209,7 @@ class EngineClient:
     async def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
-            target=worker.main,
+            target=self._target,
             args=(child, worker_config(self._settings, self._model_dir, self._model)),
             name="vlm-engine",
             daemon=True,
@@ -197,18 +229,66 @@ class EngineClient:
             raise
         self._backend = ready.backend
         self._ready = True
+        self._problem = None
         logger.info("engine ready (%s, pid %s)", self._backend, process.pid)
 
     async def _watch(self) -> None:
-        """Catches a worker that died without closing its pipe (belt and braces)."""
+        """Catches a worker that died without closing its pipe, and one that stalled."""
+        timeout = self._settings.engine_stall_timeout_s
+        interval = min(WATCH_INTERVAL_S, max(0.1, timeout / 5)) if timeout else WATCH_INTERVAL_S
+        detector = StallDetector(timeout)
+        watched: Session | None = None
         while not self._stopping:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(interval)
             session = self._session
-            if session is not None and session.alive and not session.process.is_alive():
+            if session is None or not session.alive:
+                continue
+            if not session.process.is_alive():
                 self.on_exit(session, "the engine process exited")
+                continue
+            if session is not watched:
+                watched, detector = session, StallDetector(timeout)
+            busy = self._ready and bool(self._requests)
+            cpu = cpu_seconds(session.process.pid) if busy else None
+            if detector.stalled(time.monotonic(), busy, session.last_message, cpu):
+                self._stall(session, time.monotonic() - (detector.active_at or 0.0))
+
+    def _stall(self, session: Session, idle_s: float) -> None:
+        pid = session.process.pid
+        self._stalls += 1
+        reason = (
+            f"the engine stalled: no step finished and no CPU time used for {idle_s:.0f} s "
+            "with requests pending"
+        )
+        logger.error("%s; killing the engine process (pid %s)", reason, pid)
+        # SIGKILL: a stopped (SIGSTOP) process does not act on SIGTERM until continued.
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        self._lose(
+            session,
+            reason,
+            OpenAIError(
+                503,
+                "The inference engine stalled while processing this request and is being "
+                "restarted; please retry.",
+                code="engine_stalled",
+                headers={"Retry-After": "5"},
+            ),
+        )
 
     def on_exit(self, session: Session, reason: str) -> None:
         """The session's process died or its pipe broke: fail its requests, restart."""
+        self._lose(
+            session,
+            reason,
+            OpenAIError(
+                500,
+                "The inference engine stopped while processing this request; please retry.",
+                code="engine_failure",
+            ),
+        )
+
+    def _lose(self, session: Session, reason: str, error: OpenAIError) -> None:
         if not session.alive and self._session is not session:
             return
         session.resolve(None, reason)
@@ -217,24 +297,33 @@ class EngineClient:
             return
         self._session = None
         self._ready = False
+        self._problem = reason
         if self._stopping:
             return
         logger.error("engine process stopped (%s); restarting", reason)
-        self._fail_all(
-            OpenAIError(
-                500,
-                "The inference engine stopped while processing this request; please retry.",
-                code="engine_failure",
-            )
-        )
+        self._fail_all(error)
         if self._restart_task is None and self._backend:
             self._restart_task = asyncio.create_task(self._restart(session))
 
     async def _restart(self, dead: Session) -> None:
-        delay = 1.0
+        """Restarts the worker: at once after a first failure, then with backoff; gives
+        up after VLM_ENGINE_MAX_RESTARTS restarts in a row with nothing served."""
+        limit = self._settings.engine_max_restarts
         await asyncio.to_thread(self._reap, dead)
         try:
             while not self._stopping:
+                if self._strikes >= limit:
+                    self._failed = True
+                    logger.error(
+                        "engine failed %d restarts in a row with no request served; giving up "
+                        "(readiness stays false; restart the server). Last error: %s",
+                        self._strikes,
+                        self._problem,
+                    )
+                    return
+                if self._strikes:
+                    await asyncio.sleep(min(2.0 ** (self._strikes - 1), MAX_RESTART_DELAY_S))
+                self._strikes += 1
                 try:
                     await self._spawn()
                     self._restarts += 1
@@ -242,9 +331,10 @@ class EngineClient:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    logger.error("engine restart failed: %s; next try in %.0f s", exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_RESTART_DELAY_S)
+                    self._problem = f"the engine failed to restart: {exc}"
+                    logger.error(
+                        "engine restart %d of at most %d failed: %s", self._strikes, limit, exc
+                    )
         finally:
             self._restart_task = None
 
@@ -286,7 +376,10 @@ class EngineClient:
         for error in outputs.errors:
             request = requests.pop(error.rid, None)
             if request is not None:
-                request.queue.put_nowait(OpenAIError(error.status, error.message, code=error.code))
+                headers = {"Retry-After": "1"} if error.status in (429, 503) else None
+                request.queue.put_nowait(
+                    OpenAIError(error.status, error.message, code=error.code, headers=headers)
+                )
 
     def _expire(self, rid: int) -> None:
         request = self._requests.pop(rid, None)
@@ -311,6 +404,10 @@ class EngineClient:
         is exact on each choice's final event; earlier events carry it or 0.
         """
         session = self._session
+        if self._failed:
+            raise OpenAIError(
+                503, "The model failed to load; see the server log.", code="model_failed"
+            )
         if not self._ready or session is None:
             raise OpenAIError(
                 503,
@@ -343,7 +440,7 @@ class EngineClient:
                 else:
                     item = await queue.get()
                 if isinstance(item, OpenAIError):
-                    self._failed += 1
+                    self._requests_failed += 1
                     raise item
                 # A consumer slower than the engine gets the waiting text of a
                 # choice as one event instead of one per token.
@@ -365,6 +462,7 @@ class EngineClient:
                 yield item
             finished = True
             self._served += 1
+            self._strikes = 0
         finally:
             timer.cancel()
             if self._requests.pop(rid, None) is not None and not finished:

@@ -11,7 +11,7 @@ from typing import Any
 from utils.engine.backend import ActiveRequest, Backend, Channel, ChoiceState, finish_reason_name
 from utils.engine.detokenize import ByteTokenTable
 from utils.engine.messages import EngineStats, RequestFailure, TextEvent, WorkerConfig
-from utils.engine.prompt import Preparer
+from utils.engine.prompt import Prepared, Preparer
 from utils.engine.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,15 @@ def scheduler_config(genai: Any, cfg: WorkerConfig) -> Any:
     sc.enable_prefix_caching = cfg.enable_prefix_caching
     sc.dynamic_split_fuse = cfg.dynamic_split_fuse
     return sc
+
+
+def _kv_cache_full(rid: int) -> RequestFailure:
+    return RequestFailure(
+        rid,
+        503,
+        "The engine's KV cache filled up while this request ran; please retry.",
+        "kv_cache_full",
+    )
 
 
 class CBBackend(Backend):
@@ -62,6 +71,11 @@ class CBBackend(Backend):
         self._stats = (0, 0, 0.0)
         self.add_seconds = 0.0  # moving average of add_request's duration
         self.pending: deque[tuple[int, GenerationRequest]] = deque()  # not added yet
+        # Requests the pipeline dropped when its KV cache ran out while others ran: they
+        # run again, each alone (see _out_of_memory).
+        self.solo: deque[ActiveRequest] = deque()
+        self.exclusive: int | None = None  # the one running alone
+        self.crowded = False  # more than one request was in the pipeline at this step
 
     def add(self, rid: int, request: GenerationRequest) -> None:
         self.pending.append((rid, request))
@@ -73,6 +87,14 @@ class CBBackend(Backend):
         meanwhile; so a burst of image requests is added one per step, each one
         streaming as soon as it is in, and running answers never wait for more than
         one add. Text-only requests are quick to add and go in together."""
+        if self.exclusive is not None:
+            if self.exclusive in self.active:
+                return
+            self.exclusive = None
+        if self.solo:
+            if not self.active and not self.pipe.has_non_finished_requests():
+                self._replay(self.solo.popleft())
+            return
         deadline = time.perf_counter() + ADMIT_BUDGET_S
         while self.pending:
             self._start(*self.pending.popleft())
@@ -84,6 +106,16 @@ class CBBackend(Backend):
             self.release_held()
         try:
             prep = self.preparer.prepare(request)
+        except Exception as exc:
+            self.fail(rid, exc)
+            return
+        if self._add(rid, prep):
+            self.events.append(
+                TextEvent(rid, 0, "", 0, None, prep.prompt_tokens, prep.visual_tokens)
+            )
+
+    def _add(self, rid: int, prep: Prepared) -> bool:
+        try:
             started = time.perf_counter()
             handle = self.pipe.add_request(
                 rid, prep.prompt, prep.images, prep.videos, prep.config, **prep.media_kwargs()
@@ -91,9 +123,27 @@ class CBBackend(Backend):
             self.add_seconds += 0.2 * (time.perf_counter() - started - self.add_seconds)
         except Exception as exc:
             self.fail(rid, exc)
-            return
+            return False
         self.active[rid] = ActiveRequest(rid, prep, handle, self.table)
-        self.events.append(TextEvent(rid, 0, "", 0, None, prep.prompt_tokens, prep.visual_tokens))
+        return True
+
+    def _replay(self, active: ActiveRequest) -> None:
+        """Runs a request the pipeline dropped again, alone; the tokens it had already
+        made must come again (they are not sent twice), else it fails (_read_outputs)."""
+        prep = active.prep
+        try:
+            handle = self.pipe.add_request(
+                active.rid, prep.prompt, prep.images, prep.videos, prep.config
+            )
+        except Exception as exc:
+            self.fail(active.rid, exc)
+            return
+        active.handle = handle
+        active.key_to_choice = {}
+        for choice in active.choices:
+            choice.replayed = 0 if choice.ids else None
+        self.active[active.rid] = active
+        self.exclusive = active.rid
 
     def release_held(self) -> None:
         """Sends the text the stream interval holds back. `add_request` encodes the new
@@ -114,16 +164,19 @@ class CBBackend(Backend):
             active.handle.cancel()
         elif self.pending:
             self.pending = deque(item for item in self.pending if item[0] != rid)
+        if self.solo:
+            self.solo = deque(item for item in self.solo if item.rid != rid)
 
     def stats(self) -> EngineStats:
         running, waiting, usage = self._stats
-        waiting += len(self.pending)
+        waiting += len(self.pending) + len(self.solo)
         return EngineStats(running, waiting, usage, self.step_seconds, self.overhead_seconds)
 
     def run(self) -> None:
         clock = time.perf_counter
         while not self.stopping:
-            busy = bool(self.active or self.pending) or self.pipe.has_non_finished_requests()
+            busy = bool(self.active or self.pending or self.solo)
+            busy = busy or self.pipe.has_non_finished_requests()
             started = clock()
             self.drain(0 if busy else 0.2)
             if self.stopping:
@@ -152,6 +205,7 @@ class CBBackend(Backend):
         whose next piece is not due yet is skipped unless `every`: reading a step's
         outputs costs more than a fast model's step does per sequence, and the tokens
         wait in the pipeline's queue until the piece is due (or the request ends)."""
+        self.crowded = len(self.active) > 1
         metrics = self.pipe.get_metrics()
         self._stats = (
             int(metrics.scheduled_requests),
@@ -196,10 +250,19 @@ class CBBackend(Backend):
                 choice = active.choice_for(key)
                 if choice.finish is not None:
                     continue
-                ids = output.generated_ids
+                ids = list(output.generated_ids)
+                reason = self.reasons.get(output.finish_reason)
+                if choice.replayed is not None:
+                    new = self._skip_replayed(choice, ids, reason is not None)
+                    if new is None:
+                        handle.cancel()
+                        self.active.pop(active.rid, None)
+                        self.errors.append(_kv_cache_full(active.rid))
+                        return []
+                    ids = new
+                choice.ids += ids
                 choice.detok.add(ids)
                 choice.tokens += len(ids)
-                reason = self.reasons.get(output.finish_reason)
                 if reason is not None:
                     choice.finish = reason
                     finished = True
@@ -209,14 +272,7 @@ class CBBackend(Backend):
         status = handle.get_status()
         if status == self.ignored_status:
             self.active.pop(active.rid, None)
-            self.errors.append(
-                RequestFailure(
-                    active.rid,
-                    400,
-                    "The request does not fit in the engine's KV cache.",
-                    "context_length_exceeded",
-                )
-            )
+            self._out_of_memory(active)
             return []
         over = status in self.finished_status
         if over:
@@ -231,6 +287,46 @@ class CBBackend(Backend):
         if over:
             prompt_tokens = self._exact_prompt_tokens(handle, prompt_tokens)
         return [(active, choice, prompt_tokens) for choice in touched.values()]
+
+    def _out_of_memory(self, active: ActiveRequest) -> None:
+        """The pipeline dropped `active` (IGNORED): its KV cache ran out. When that happens
+        with several requests in it, the pipeline drops every running one, also those
+        that would fit alone. A request dropped while alone does not fit the cache at
+        all: 400. One dropped among others runs again later, alone, from the start: its
+        client sees only a delay, since the tokens it already has are checked and not
+        sent again (greedy and seeded sampling make the same tokens again); if the
+        replay makes other tokens, it fails with 503 and Retry-After."""
+        rid = active.rid
+        if not self.crowded or rid == self.exclusive:
+            self.errors.append(
+                RequestFailure(
+                    rid,
+                    400,
+                    "The request does not fit in the engine's KV cache; "
+                    "send a shorter prompt, fewer images or a lower max_tokens.",
+                    "context_length_exceeded",
+                )
+            )
+        else:
+            logger.info("request %d: the KV cache ran out; it runs again alone", rid)
+            self.solo.append(active)
+
+    @staticmethod
+    def _skip_replayed(choice: ChoiceState, ids: list[int], final: bool) -> list[int] | None:
+        """The ids beyond those a replayed choice had already made; None when the replay
+        made other tokens (or ended sooner) than the first run."""
+        start = choice.replayed or 0
+        expected = choice.ids[start : start + len(ids)]
+        if ids[: len(expected)] != expected:
+            return None
+        start += len(expected)
+        if start >= len(choice.ids):
+            choice.replayed = None  # caught up
+        elif final:
+            return None
+        else:
+            choice.replayed = start
+        return ids[len(expected) :]
 
     @staticmethod
     def _exact_prompt_tokens(handle: Any, estimate: int) -> int:

@@ -5,8 +5,10 @@ writes what the event loop cannot write at once.
   whole at once; large ones (images and videos over 1 MiB), and whatever a full pipe
   holds back, go through a writer thread that pickles and waits for the pipe off the
   event loop;
-- the event loop reads the pipe itself (`add_reader`) and hands each message to the
-  client.
+- the event loop reads the pipe itself (`add_reader`), without ever waiting: it takes
+  what the socket holds (`MSG_DONTWAIT`), decodes multiprocessing's framing into
+  messages, and keeps a message cut short (a worker stopped half-way through writing
+  it) until the rest arrives. The worker side is a plain `Connection`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Protocol
 
@@ -33,6 +36,56 @@ from utils.engine.messages import (
 # Messages up to this size are pickled and sent from the event loop (a request with
 # a few images); larger ones are pickled and sent by the writer thread.
 DIRECT_SEND_BYTES = 1 << 20
+
+# What one read callback takes from the socket at most before the event loop runs
+# something else (the rest is read on the next callback).
+READ_CHUNK_BYTES = 1 << 18
+READS_PER_CALLBACK = 16
+# multiprocessing's framing: a 4-byte big-endian signed length, then the pickle; a
+# length of -1 means an 8-byte unsigned length follows (messages over 2 GiB).
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+class FrameError(ValueError):
+    """Bytes on the pipe that are not multiprocessing's framing."""
+
+
+class FrameDecoder:
+    """Splits the byte stream of a `multiprocessing` Connection into its messages'
+    pickles; bytes of a message not complete yet stay in the buffer."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self.buffer
+        buffer += data
+        frames: list[bytes] = []
+        start = 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            header = _HEADER.size
+            if size == -1:
+                if len(buffer) - start < header + _LONG_HEADER.size:
+                    break
+                (size,) = _LONG_HEADER.unpack_from(buffer, start + header)
+                header += _LONG_HEADER.size
+            elif size < 0:
+                raise FrameError(f"bad message length {size}")
+            end = start + header + size
+            if len(buffer) < end:
+                break
+            frames.append(bytes(buffer[start + header : end]))
+            start = end
+        if start:
+            del buffer[:start]
+        return frames
+
+    @property
+    def partial(self) -> int:
+        """Bytes of a message not complete yet."""
+        return len(self.buffer)
 
 
 class SessionOwner(Protocol):
@@ -65,8 +118,12 @@ class Session:
         self.loop = loop
         self.process = process
         self.conn = conn
-        # The same socket, for sends that must not block (the pipe is a socket pair).
+        # The same socket (the pipe is a socket pair), for the event loop's reads and
+        # sends, which pass MSG_DONTWAIT and so never wait whatever the descriptor's
+        # mode; the writer thread's sendall needs it blocking (see start).
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self.frames = FrameDecoder()
+        self.last_message = time.monotonic()  # when a whole message last arrived
         self.outbox: queue.SimpleQueue[ToEngine | bytes | None] = queue.SimpleQueue()
         self.queued = 0  # messages handed to the writer thread and not written yet
         self.lock = threading.Lock()
@@ -77,8 +134,9 @@ class Session:
 
     def start(self) -> None:
         self.loop.add_reader(self.conn.fileno(), self._read)
-        # uvloop makes a polled descriptor non-blocking; the pipe's messages must be
-        # read and written whole (a partial write would cut the stream).
+        # uvloop makes a polled descriptor non-blocking; the writer thread's sends must
+        # be written whole (a partial write would cut the stream), so the descriptor is
+        # made blocking again. The event loop's reads and sends pass MSG_DONTWAIT.
         os.set_blocking(self.conn.fileno(), True)
         self.writer.start()
 
@@ -124,25 +182,49 @@ class Session:
                 self.queued -= 1
 
     def _read(self) -> None:
-        """Runs on the event loop whenever the pipe is readable. The worker writes each
-        message in one go from its main thread, so `recv` never waits long on a
-        message that is only partly written."""
-        while self.alive and self.conn.poll():
+        """Runs on the event loop whenever the pipe is readable, and never waits: it
+        takes what the socket holds and handles every message that is complete. A
+        message the worker stopped writing half-way stays in the buffer (the
+        engine watchdog in utils/engine/client.py deals with such a worker)."""
+        for _ in range(READS_PER_CALLBACK):
+            if not self.alive:
+                return
             try:
-                message: FromEngine = self.conn.recv()
-            except (EOFError, OSError):
+                data = self.sock.recv(READ_CHUNK_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
                 self.owner.on_exit(self, self.exit_reason)
                 return
-            except Exception as exc:  # a message that does not unpickle
+            if not data:  # the worker closed its end (or died)
+                self.owner.on_exit(self, self.exit_reason)
+                return
+            try:
+                frames = self.frames.feed(data)
+            except FrameError as exc:
                 self.owner.on_exit(self, f"bad message from the engine: {exc}")
                 return
-            if isinstance(message, StepOutputs):
-                self.owner.on_step(self, message)
-            elif isinstance(message, EngineReady):
-                self.resolve(message, None)
-            elif isinstance(message, EngineFatal):
-                self.exit_reason = message.message
-                self.resolve(None, self.exit_reason)
+            for frame in frames:
+                if not self.alive:
+                    return
+                try:
+                    message: FromEngine = ForkingPickler.loads(frame)
+                except Exception as exc:  # a message that does not unpickle
+                    self.owner.on_exit(self, f"bad message from the engine: {exc}")
+                    return
+                self._handle(message)
+            if len(data) < READ_CHUNK_BYTES:
+                return  # the socket is (most likely) empty: no need to ask again
+
+    def _handle(self, message: FromEngine) -> None:
+        self.last_message = time.monotonic()
+        if isinstance(message, StepOutputs):
+            self.owner.on_step(self, message)
+        elif isinstance(message, EngineReady):
+            self.resolve(message, None)
+        elif isinstance(message, EngineFatal):
+            self.exit_reason = message.message
+            self.resolve(None, self.exit_reason)
 
     def resolve(self, ready: EngineReady | None, error: str | None) -> None:
         """Settles `ready`: the engine's EngineReady, or the error it failed with."""

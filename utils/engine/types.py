@@ -75,6 +75,16 @@ class Engine(Protocol):
     def ready(self) -> bool: ...
 
     @property
+    def failed(self) -> bool:
+        """True when the engine stopped restarting (it failed too many times in a row)."""
+        ...
+
+    @property
+    def problem(self) -> str | None:
+        """Why the engine is not ready (a crash, a stall, a failed restart), if known."""
+        ...
+
+    @property
     def pid(self) -> int | None:
         """The engine process's id, when it runs in a process of its own."""
         ...

@@ -49,6 +49,36 @@ class MediaDecodeError(ValueError):
     """The bytes are not an image or video this server can decode."""
 
 
+# decord keeps tens of kilobytes of memory for every input it fails to open, so bytes
+# that start like no video container are refused before it sees them (a stream of
+# garbage "videos" would otherwise grow the server without bound).
+_MP4_BOXES = {b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot", b"styp"}
+_VIDEO_MAGIC = (
+    b"\x1a\x45\xdf\xa3",  # Matroska, WebM
+    b"FLV",
+    b"OggS",
+    b"\x00\x00\x01\xba",  # MPEG program stream
+    b"\x00\x00\x01\xb3",  # MPEG video
+    b"\x30\x26\xb2\x75\x8e\x66\xcf\x11",  # ASF, WMV
+)
+_TS_PACKET = 188
+
+
+def looks_like_video(data: bytes) -> bool:
+    """Whether `data` starts like a video container ffmpeg reads (MP4, MOV, 3GP,
+    Matroska, WebM, AVI, FLV, Ogg, MPEG-PS/TS, ASF)."""
+    head = data[:16]
+    return (
+        head[4:8] in _MP4_BOXES
+        or head.startswith(_VIDEO_MAGIC)
+        or (head.startswith(b"RIFF") and head[8:12] == b"AVI ")
+        or (
+            len(data) > 2 * _TS_PACKET
+            and data[0] == data[_TS_PACKET] == data[2 * _TS_PACKET] == 0x47
+        )
+    )
+
+
 def fit_size(width: int, height: int, max_pixels: int, *, even: bool = False) -> tuple[int, int]:
     """Largest size with the same aspect ratio and at most `max_pixels` pixels
     (the original size when it already fits)."""
@@ -169,6 +199,8 @@ def decode_video(
     Frames are sampled at `fps` (evenly over the video, at most `max_frames`)
     and resized by the reader so each fits `max_pixels`.
     """
+    if not looks_like_video(data):
+        raise MediaDecodeError("not a supported video format")
     from decord import VideoReader, cpu  # imported lazily: loads ffmpeg libraries
 
     try:
