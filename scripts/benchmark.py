@@ -387,8 +387,8 @@ class RawRunner:
         import openvino_genai as genai
 
         from utils.devices import engine_properties
-        from utils.engine.client import worker_config
         from utils.engine.continuous import scheduler_config
+        from utils.engine.launch import worker_config
         from utils.engine.model_config import ModelConfig
         from utils.settings import Settings
 

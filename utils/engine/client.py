@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from utils.devices import engine_properties
 from utils.engine import worker
+from utils.engine.launch import model_info, worker_config
 from utils.engine.messages import (
     AbortRequest,
     AddRequest,
@@ -51,33 +51,6 @@ READY_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 WATCH_INTERVAL_S = 1.0  # at most; shorter for short stall timeouts
-
-
-def model_info(settings: Settings, model_dir: Path, model: ModelConfig) -> ModelInfo:
-    return ModelInfo(
-        name=settings.public_model_name,
-        model_type=model.model_type,
-        path=str(model_dir),
-        supports_video=model.supports_video,
-        max_context=model.max_context,
-    )
-
-
-def worker_config(settings: Settings, model_dir: Path, model: ModelConfig) -> WorkerConfig:
-    return WorkerConfig(
-        model_dir=str(model_dir),
-        model=model,
-        device=settings.device,
-        engine=settings.engine,
-        ov_config=engine_properties(settings),
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        kv_cache_size_gb=settings.kv_cache_size_gb,
-        kv_cache_blocks=settings.kv_cache_blocks,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        log_level=settings.log_level,
-        stream_interval_s=settings.stream_interval_ms / 1000,
-    )
 
 
 @dataclass(eq=False)
@@ -193,18 +166,8 @@ class EngineClient:
         self._fail_all(OpenAIError(503, "The server is shutting down.", code="shutting_down"))
         if session is not None:
             session.send(StopEngine())
-            await asyncio.to_thread(self._reap, session)
+            await asyncio.to_thread(session.reap, STOP_TIMEOUT_S)
             session.close()
-
-    @staticmethod
-    def _reap(session: Session) -> None:
-        session.process.join(STOP_TIMEOUT_S)
-        if session.process.is_alive():
-            session.process.terminate()
-            session.process.join(5)
-        if session.process.is_alive():
-            session.process.kill()
-            session.process.join(5)
 
     async def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
@@ -225,7 +188,7 @@ class EngineClient:
             if self._session is session:
                 self._session = None
             session.close()
-            await asyncio.to_thread(self._reap, session)
+            await asyncio.to_thread(session.reap, STOP_TIMEOUT_S)
             raise
         self._backend = ready.backend
         self._ready = True
@@ -309,7 +272,7 @@ class EngineClient:
         """Restarts the worker: at once after a first failure, then with backoff; gives
         up after VLM_ENGINE_MAX_RESTARTS restarts in a row with nothing served."""
         limit = self._settings.engine_max_restarts
-        await asyncio.to_thread(self._reap, dead)
+        await asyncio.to_thread(dead.reap, STOP_TIMEOUT_S)
         try:
             while not self._stopping:
                 if self._strikes >= limit:

@@ -235,6 +235,18 @@ class Session:
         else:
             self.ready.set_exception(RuntimeError(error or self.exit_reason))
 
+    def reap(self, timeout_s: float) -> None:
+        """Waits for the process to end, then terminates and at last kills it (blocking:
+        call it in a thread)."""
+        process = self.process
+        process.join(timeout_s)
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
     def close(self) -> None:
         """Stops reading and writing; on the event loop only."""
         if not self.alive:
