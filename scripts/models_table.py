@@ -11,7 +11,6 @@ suite's. The table sits between the START and END markers below.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "README.md"
 sys.path.insert(0, str(ROOT))
 
+from scripts.generated_table import GeneratedTable  # noqa: E402
 from tests.families import (  # noqa: E402
     BACKENDS,
     CHECKS,
@@ -73,37 +73,14 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def block() -> str:
-    return f"{START}\n{table()}\n{END}"
-
-
-def replace_block(text: str) -> str:
-    """`text` with the generated table between its markers."""
-    if START not in text or END not in text:
-        raise SystemExit(f"{DOC.relative_to(ROOT)} has no {START} ... {END} block")
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    return head + block() + tail
+GENERATED = GeneratedTable(
+    DOC, START, END, table, "supported-models table", "scripts/models_table.py"
+)
+replace_block = GENERATED.replace_block
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    group = parser.add_mutually_exclusive_group()
-    name = DOC.relative_to(ROOT)
-    group.add_argument("--write", action="store_true", help=f"update {name} in place")
-    group.add_argument("--check", action="store_true", help=f"exit 1 if {name} is stale")
-    args = parser.parse_args(argv)
-    if args.write:
-        DOC.write_text(replace_block(DOC.read_text()))
-        return 0
-    if args.check:
-        text = DOC.read_text()
-        if replace_block(text) != text:
-            print(f"{name} supported-models table is stale: run scripts/models_table.py --write")
-            return 1
-        return 0
-    print(table())
-    return 0
+    return GENERATED.main(argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
