@@ -136,6 +136,19 @@ class Scenario:
         self.name, self.weight, self.run = name, weight, run
 
 
+async def run_scenario(scenario: Scenario, client: httpx.AsyncClient, stats: Stats) -> None:
+    """Runs one request of `scenario` and records its outcome (an exception's name when
+    it raised: a malformed answer counts as a server error)."""
+    started = time.monotonic()
+    try:
+        status: int | str = await scenario.run(client)
+    except httpx.HTTPError as exc:
+        status = type(exc).__name__
+    except Exception as exc:
+        status = f"{type(exc).__name__}: {exc}"[:120]
+    stats.add(scenario.name, status, started)
+
+
 def scenarios(max_tokens: int, max_context: int) -> list[Scenario]:
     small = [_png(48, 40, k) for k in range(6)]
     medium = _png(320, 240, 99)
@@ -422,15 +435,7 @@ async def run_round(
 
     async def worker() -> None:
         while not queue.empty() and time.monotonic() < deadline:
-            scenario = queue.get_nowait()
-            started = time.monotonic()
-            try:
-                status = await scenario.run(client)
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            except Exception as exc:  # a malformed answer counts as a server error
-                status = f"{type(exc).__name__}: {exc}"[:120]
-            stats.add(scenario.name, status, started)
+            await run_scenario(queue.get_nowait(), client, stats)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -499,15 +504,7 @@ async def run_timed(
 
     async def worker() -> None:
         while time.monotonic() < deadline:
-            scenario = random.choices(kinds, weights=weights)[0]
-            begun = time.monotonic()
-            try:
-                status = await scenario.run(client)
-            except httpx.HTTPError as exc:
-                status = type(exc).__name__
-            except Exception as exc:  # a malformed answer counts as a server error
-                status = f"{type(exc).__name__}: {exc}"[:120]
-            stats.add(scenario.name, status, begun)
+            await run_scenario(random.choices(kinds, weights=weights)[0], client, stats)
 
     async def sampler() -> None:
         while time.monotonic() < deadline:
