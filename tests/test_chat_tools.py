@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from tests.fixtures.models import tiny_model_ir
 from tests.fixtures.server import LiveServers
 
 WEATHER = {
@@ -63,9 +62,8 @@ ROUND_TRIP = [
 ]
 
 
-def _linked(kind: str, root: Path) -> Path:
+def _linked(source: Path, root: Path) -> Path:
     """The exported tiny model linked into `root`, served under its own directory."""
-    source = tiny_model_ir(kind)
     root.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if not (root / path.name).exists():
@@ -74,8 +72,8 @@ def _linked(kind: str, root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _linked("qwen3-vl", tmp_path_factory.mktemp("tools") / "qwen3-vl")
+def qwen3_dir(qwen3vl_ir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _linked(qwen3vl_ir, tmp_path_factory.mktemp("tools") / "qwen3-vl")
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +276,78 @@ def test_langchain_and_agents_sdk_requests_are_accepted(base_url: str) -> None:
         assert reply.status_code == 200, reply.text
         assert reply.text.rstrip().endswith("data: [DONE]")
         assert '"usage":{"prompt_tokens"' in reply.text
+
+
+def _engine_logprobs(model_dir: Path, tokens: int) -> list[float]:
+    """The same greedy answer straight from a ContinuousBatchingPipeline."""
+    import openvino_genai
+
+    scheduler = openvino_genai.SchedulerConfig()
+    scheduler.cache_size = 1
+    pipe = openvino_genai.ContinuousBatchingPipeline(
+        str(model_dir), scheduler, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+    )
+    prompt = pipe.get_tokenizer().apply_chat_template(ASK, add_generation_prompt=True)
+    config = openvino_genai.GenerationConfig(str(model_dir / "generation_config.json"))
+    config.apply_chat_template = False  # the prompt is templated already
+    config.max_new_tokens = tokens
+    config.ignore_eos = True
+    config.do_sample = False
+    config.logprobs = 1
+    handle = pipe.add_request(0, prompt, [], [], config)
+    values: list[float] = []
+    while pipe.has_non_finished_requests():
+        pipe.step()
+        while handle.can_read():
+            for output in handle.read().values():
+                values += list(output.generated_log_probs)
+    return values
+
+
+def test_logprobs_are_what_the_engine_reports(client: openai.OpenAI, qwen3_dir: Path) -> None:
+    kwargs: dict[str, Any] = {
+        "max_completion_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    expected = _engine_logprobs(qwen3_dir, 8)
+    assert len(expected) == 8 and all(value < 0 for value in expected)
+
+    response = create(client, **kwargs)
+    entries = response.choices[0].logprobs.content
+    assert [e.logprob for e in entries] == pytest.approx(expected, abs=1e-5)
+    assert all(e.top_logprobs == [] for e in entries)  # the requested count, 0
+    text = b"".join(bytes(e.bytes or []) for e in entries).decode("utf-8", "replace")
+    assert text == response.choices[0].message.content
+
+    streamed_entries, content = [], ""
+    for chunk in create(client, stream=True, **kwargs):
+        if chunk.choices and chunk.choices[0].logprobs:
+            streamed_entries += chunk.choices[0].logprobs.content or []
+        if chunk.choices:
+            content += chunk.choices[0].delta.content or ""
+    assert [(e.token, e.logprob) for e in streamed_entries] == [
+        (e.token, e.logprob) for e in entries
+    ]
+    assert content == response.choices[0].message.content
+    # without logprobs, none
+    assert create(client, max_completion_tokens=4).choices[0].logprobs is None
+
+
+def test_the_vlm_pipeline_calls_tools_and_refuses_logprobs(
+    live_server: LiveServers, qwen3_dir: Path
+) -> None:
+    base_url = live_server(
+        model_name=str(qwen3_dir), served_model_name="tiny", engine="vlm_pipeline"
+    )
+    with openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0) as vlm:
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        response = create(vlm, tools=[WEATHER], tool_choice=choice)
+        calls = as_calls(response.choices[0].message)
+        assert len(calls) == 1 and matches(calls[0]["arguments"], WEATHER)
+        _, stream_calls, finish, _ = streamed(vlm, tools=[WEATHER], tool_choice=choice)
+        assert same_calls(stream_calls, calls) and finish == "tool_calls"
+        with pytest.raises(openai.BadRequestError) as caught:
+            create(vlm, logprobs=True, max_completion_tokens=4)
+        assert caught.value.body["param"] == "logprobs"  # type: ignore[index]

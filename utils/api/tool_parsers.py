@@ -82,7 +82,7 @@ class CallSplitter:
 
     Whitespace next to a call (the newlines between calls, before the first and after
     the last) is not content; other whitespace is held until more text shows which
-    it is.
+    it is (a call that does not parse gives it back).
     """
 
     __slots__ = ("_buffer", "_format", "_inside", "_names", "_space", "calls")
@@ -107,7 +107,7 @@ class CallSplitter:
                     self._content(out, self._buffer[:keep])
                     self._buffer = self._buffer[keep:]
                     return out
-                self._content(out, self._buffer[:at], before_call=True)
+                self._content(out, self._buffer[:at])
                 self._buffer = self._buffer[at + len(start) :]
                 self._inside = True
                 continue
@@ -137,11 +137,10 @@ class CallSplitter:
         out: list[str | ParsedCall],
         text: str,
         *,
-        before_call: bool = False,
         final: bool = False,
     ) -> None:
         text, self._space = self._space + text, ""
-        if before_call or (final and self.calls):
+        if final and self.calls:
             text = text.rstrip()
         elif not final:
             kept = text.rstrip()
