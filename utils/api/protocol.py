@@ -322,16 +322,13 @@ class ResponseMessage(_Model):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
-    reasoning_content: str | None = None
 
     @model_serializer(mode="wrap")
     def _without_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """`tool_calls` and `reasoning_content` only when there are any, as OpenAI
-        and vLLM send them."""
+        """`tool_calls` only when there are any, as OpenAI sends them."""
         data: dict[str, Any] = handler(self)
-        for key in ("tool_calls", "reasoning_content"):
-            if data.get(key) is None:
-                data.pop(key, None)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
         return data
 
 
@@ -355,7 +352,6 @@ class ChatCompletion(_Model):
 class Delta(_Model):
     role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
 
