@@ -253,3 +253,49 @@ def test_required_and_named_stream_what_they_answer(size: int) -> None:
     assert as_dict(body) == streamed
     assert streamed["calls"] == [{"name": "get_time", "arguments": arguments}]
     assert streamed["finish"] == "tool_calls"
+
+
+# --- the request side ------------------------------------------------------------
+
+
+def test_forced_calls_become_the_engines_json_schema() -> None:
+    from utils.api.requests import to_sampling_params
+    from utils.api.tool_schema import ToolCall
+    from utils.api.tools import history_tool_calls
+    from utils.settings import Settings
+
+    weather = {"type": "object", "properties": {"city": {"enum": ["Paris"]}}}
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+        {"type": "function", "function": {"name": "get_time"}},
+    ]
+    base = {"messages": [{"role": "user", "content": "x"}], "tools": tools}
+
+    def params(**fields: Any) -> Any:
+        req = ChatCompletionRequest.model_validate({**base, **fields})
+        return to_sampling_params(req, Settings())
+
+    named = params(tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert json.loads(named.json_schema) == weather
+    required = json.loads(params(tool_choice="required", parallel_tool_calls=False).json_schema)
+    assert required["type"] == "array" and required["minItems"] == required["maxItems"] == 1
+    options = required["items"]["anyOf"]
+    assert [o["properties"]["name"] for o in options] == [
+        {"const": "get_weather"},
+        {"const": "get_time"},
+    ]
+    assert options[0]["properties"]["arguments"] == weather
+    assert options[1]["properties"]["arguments"] == {"type": "object"}  # no parameters: any
+    assert "maxItems" not in json.loads(params(tool_choice="required").json_schema)
+    assert params().json_schema is None and params(tool_choice="none").json_schema is None
+    assert params(logprobs=True).logprobs and not params().logprobs
+
+    calls = [
+        ToolCall.model_validate(
+            {"id": "a", "function": {"name": "get_time", "arguments": '{"zone": "utc"}'}}
+        ),
+        ToolCall.model_validate({"id": "b", "function": {"name": "get_time", "arguments": "x"}}),
+    ]
+    rendered = history_tool_calls(calls)
+    assert rendered[0]["function"]["arguments"] == {"zone": "utc"}  # an object for `tojson`
+    assert rendered[1]["function"]["arguments"] == "x"  # not JSON: passed as it came
