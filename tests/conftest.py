@@ -38,6 +38,7 @@ pytest_plugins = ["tests.fixtures.models", "tests.fixtures.server"]
 _LIVE = {"live_server", "ready_server", "family_server"}
 _ENGINE = {
     "qwen2vl_ir",
+    "qwen3vl_ir",
     "llava_ir",
     "qwen2vl_hf",
     "llava_hf",

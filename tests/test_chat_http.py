@@ -213,7 +213,7 @@ def test_unknown_model(http: httpx.Client) -> None:
             "messages[0].content[0].max_pixels",
         ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 2}, "top_logprobs"),
         ({"n": 100}, "n"),
         ({"temperature": "hot"}, "temperature"),
         ({"seed": 2**70}, "seed"),

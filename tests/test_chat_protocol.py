@@ -41,6 +41,9 @@ def text(value: str) -> dict[str, Any]:
     return {"type": "text", "text": value}
 
 
+CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
 def body(*messages: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return {"model": "m", "messages": list(messages), **fields}
 
@@ -103,7 +106,9 @@ def test_max_pixels_is_never_evaluated(value: Any) -> None:
         ({"messages": "hi"}, "messages"),
         (body({"role": "user"}), "messages[0]"),
         (body({"role": "robot", "content": "x"}), "messages[0].role"),
-        (body({"role": "tool", "content": "x"}), "messages[0].role"),
+        (body({"role": "tool", "content": "x"}), "messages[0].tool_call_id"),
+        (body({"role": "function", "content": "x"}), "messages[0].role"),
+        (body(user(text("x")) | {"tool_calls": [CALL]}), "messages[0].tool_calls"),
         (body(user({"type": "input_audio"})), "messages[0].content[0]"),
         (
             body(user(text("a"), {"type": "image_url", "image_url": {}})),
@@ -125,9 +130,10 @@ def test_max_pixels_is_never_evaluated(value: Any) -> None:
         (body(user(text("x")), stop=[""]), "stop"),
         (body(user(text("x")), response_format={"type": "xml"}), "response_format.type"),
         (body(user(text("x")), response_format={"type": "json_schema"}), "response_format"),
-        (body(user(text("x")), tools=[{"type": "function"}]), "tools"),
+        (body(user(text("x")), tools=[{"type": "function"}]), "tools[0].function"),
         (body(user(text("x")), tool_choice="required"), "tool_choice"),
-        (body(user(text("x")), logprobs=True), "logprobs"),
+        (body(user(text("x")), logprobs=True, top_logprobs=1), "top_logprobs"),
+        (body(user(text("x")), logprobs=True, top_logprobs=21), "top_logprobs"),
         (body(user(text("x")), top_logprobs=3), "top_logprobs"),
         (body(user(text("x")), logit_bias={"42": 10}), "logit_bias"),
         (body(user(text("x")), modalities=["text", "audio"]), "modalities"),

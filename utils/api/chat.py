@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from utils.api.choice_output import output_shape
 from utils.api.metrics import track_generation
 from utils.api.models import resolve_model
 from utils.api.protocol import ChatCompletion, ChatCompletionRequest
@@ -164,7 +165,8 @@ async def create_chat_completion(request: Request, state: State) -> Response:
             raise
 
     events, first = await _unless_disconnected(request, start())
-    meta = ResponseMeta(completion_id, created, model, fingerprint, req.n)
+    shape = output_shape(req, engine.info.model_type)
+    meta = ResponseMeta(completion_id, created, model, fingerprint, req.n, shape)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(

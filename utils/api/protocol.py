@@ -22,6 +22,13 @@ from pydantic import (
 )
 
 from utils.api.json_schema import check_json_schema
+from utils.api.tool_schema import (
+    ChoiceLogprobs,
+    NamedToolChoice,
+    ToolCall,
+    ToolCallDelta,
+    ToolDefinition,
+)
 
 __all__ = [
     "ChatCompletion",
@@ -153,10 +160,12 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Model):
-    # tool and function messages parse, so that validation can refuse them by name
+    # function messages parse, so that validation can refuse them by name
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # of an assistant message
+    tool_call_id: str | None = None  # of a tool message: the call it answers
 
     @model_validator(mode="after")
     def _content_rules(self) -> ChatMessage:
@@ -222,13 +231,15 @@ class ChatCompletionRequest(_Model):
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
 
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
     # Accepted so they can be refused with a clear message instead of ignored.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     logit_bias: dict[str, Any] | None = None
     audio: Any = None
     modalities: list[str] | None = None
@@ -247,18 +258,16 @@ class ChatCompletionRequest(_Model):
 
     def unsupported_param(self) -> tuple[str, str] | None:
         """(param, reason) of the first field this server cannot honour."""
-        if self.tools:
-            return "tools", "tool calling is not supported"
         if self.functions:
-            return "functions", "function calling is not supported"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", "tool calling is not supported"
+            return "functions", "the legacy function calling is not supported; use 'tools'"
         if self.function_call not in (None, "none"):
-            return "function_call", "function calling is not supported"
-        if self.logprobs:
-            return "logprobs", "log probabilities are not supported"
+            return "function_call", "the legacy function calling is not supported; use 'tools'"
         if self.top_logprobs:
-            return "top_logprobs", "log probabilities are not supported"
+            return (
+                "top_logprobs",
+                "the engine reports the log probability of the chosen token only, not of "
+                "its alternatives; use top_logprobs 0 or leave it out",
+            )
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.audio is not None:
@@ -303,17 +312,22 @@ class Usage(_Model):
     total_tokens: int
 
 
+FinishReasonName = Literal["stop", "length", "tool_calls"]
+
+
 class ResponseMessage(_Model):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    # only when there are any, as OpenAI sends it
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda calls: calls is None)
 
 
 class Choice(_Model):
     index: int
     message: ResponseMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName | None
 
 
 class ChatCompletion(_Model):
@@ -329,13 +343,14 @@ class ChatCompletion(_Model):
 class Delta(_Model):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(_Model):
     index: int
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionChunk(_Model):

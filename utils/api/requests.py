@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from utils.api.protocol import ChatCompletionRequest, TextPart, is_media
+from utils.api.protocol import ChatCompletionRequest, ChatMessage, TextPart, is_media
+from utils.api.tools import history_tool_calls, tool_plan
 from utils.engine.tags import image_tag, video_tag
 from utils.engine.types import GenerationRequest, ModelInfo, SamplingParams
 from utils.media.cache import DecodedImageCache
@@ -24,6 +25,8 @@ def to_sampling_params(req: ChatCompletionRequest, settings: Settings) -> Sampli
     max_new_tokens = req.max_new_tokens or settings.default_max_tokens
     seed = settings.seed if req.seed is None else req.seed
     top_k = req.top_k if req.top_k is not None and req.top_k > 0 else 0
+    plan = tool_plan(req)
+    constraint = plan.constraint if plan is not None else None
     return SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -37,7 +40,8 @@ def to_sampling_params(req: ChatCompletionRequest, settings: Settings) -> Sampli
         n=req.n,
         min_new_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
-        json_schema=req.json_schema_text,
+        json_schema=constraint or req.json_schema_text,
+        logprobs=bool(req.logprobs),
     )
 
 
@@ -65,11 +69,11 @@ async def build_generation_request(
     images: list[np.ndarray] = []
     videos: list[np.ndarray] = []
     video_fps: list[float] = []
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for message in req.messages:
         role = "system" if message.role == "developer" else message.role
         if message.content is None or isinstance(message.content, str):
-            messages.append({"role": role, "content": message.content or ""})
+            messages.append(_turn(message, role, message.content or ""))
             continue
         pieces: list[str] = []
         previous_text = False
@@ -93,7 +97,8 @@ async def build_generation_request(
                 for frame in media.video:
                     pieces.append(image_tag(len(images)))
                     images.append(np.ascontiguousarray(frame))
-        messages.append({"role": role, "content": "".join(pieces)})
+        messages.append(_turn(message, role, "".join(pieces)))
+    plan = tool_plan(req)
     return GenerationRequest(
         request_id=request_id,
         messages=messages,
@@ -101,4 +106,15 @@ async def build_generation_request(
         images=images,
         videos=videos,
         video_fps=video_fps,
+        tools=plan.tools if plan is not None else None,
     )
+
+
+def _turn(message: ChatMessage, role: str, content: str) -> dict[str, Any]:
+    """One message for the chat template; tool calls and results keep their ids."""
+    turn: dict[str, Any] = {"role": role, "content": content}
+    if message.tool_calls:
+        turn["tool_calls"] = history_tool_calls(message.tool_calls)
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn

@@ -10,6 +10,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
+from utils.api.choice_output import (
+    Assembled,
+    CallDelta,
+    ChoiceReader,
+    OutputShape,
+    Piece,
+    token_logprobs,
+)
 from utils.api.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -19,8 +27,9 @@ from utils.api.protocol import (
     ResponseMessage,
     Usage,
 )
+from utils.api.tool_schema import ChoiceLogprobs, FunctionCallDelta, ToolCallDelta
 from utils.api.usage import UsageCounter
-from utils.engine.types import FinishReason, GenerationEvent, ModelInfo
+from utils.engine.types import FinishReason, GenerationEvent, ModelInfo, TokenLogprob
 from utils.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,7 @@ class ResponseMeta(NamedTuple):
     model: str
     fingerprint: str
     n: int
+    shape: OutputShape | None = None  # tool calls or log probabilities: not only text
 
 
 def system_fingerprint(info: ModelInfo) -> str:
@@ -56,6 +66,8 @@ async def complete(
     first: GenerationEvent | None,
     meta: ResponseMeta,
 ) -> ChatCompletion:
+    if meta.shape is not None:
+        return await _complete_shaped(events, first, meta, meta.shape)
     n = meta.n
     texts: list[list[str]] = [[] for _ in range(n)]
     finish: list[FinishReason | None] = [None] * n
@@ -88,6 +100,63 @@ async def complete(
             )
             for k in range(n)
         ],
+        usage=totals.usage(),
+    )
+
+
+async def _complete_shaped(
+    events: AsyncIterator[GenerationEvent],
+    first: GenerationEvent | None,
+    meta: ResponseMeta,
+    shape: OutputShape,
+) -> ChatCompletion:
+    """The body of an answer with tool calls or log probabilities."""
+    n = meta.n
+    readers = [ChoiceReader(shape) for _ in range(n)]
+    parts = [Assembled(logprobs=[] if shape.logprobs else None) for _ in range(n)]
+    finish: list[FinishReason | None] = [None] * n
+    totals = UsageCounter(n)
+
+    def take(event: GenerationEvent) -> None:
+        totals.add(event)
+        if 0 <= event.index < n and finish[event.index] is None:
+            k = event.index
+            parts[k].add(readers[k].feed(event.text))
+            parts[k].add_logprobs(event.logprobs)
+            if event.finish_reason:
+                parts[k].add(readers[k].finish())
+                finish[k] = event.finish_reason
+
+    try:
+        if first is not None:
+            take(first)
+            async for event in events:
+                take(event)
+    finally:
+        await aclose(events)
+    choices = []
+    for k, (reader, part) in enumerate(zip(readers, parts, strict=True)):
+        if finish[k] is None:
+            part.add(reader.finish())
+        content = "".join(part.content)
+        message = ResponseMessage(
+            content=content or (None if part.calls else ""), tool_calls=part.calls or None
+        )
+        reason = reader.finish_reason(finish[k] or "stop")
+        choices.append(
+            Choice(
+                index=k,
+                message=message,
+                logprobs=part.choice_logprobs(),
+                finish_reason=reason,
+            )
+        )
+    return ChatCompletion(
+        id=meta.completion_id,
+        created=meta.created,
+        model=meta.model,
+        system_fingerprint=meta.fingerprint,
+        choices=choices,
         usage=totals.usage(),
     )
 
@@ -149,6 +218,65 @@ class ChunkWriter:
 _DONE = b"data: [DONE]\n\n"
 
 
+class ShapedChunks:
+    """The chunks of an answer with tool calls or log probabilities: content and call
+    deltas as OpenAI streams them, each chunk with the log probabilities of the tokens
+    read since the previous one."""
+
+    def __init__(
+        self, writer: ChunkWriter, shape: OutputShape, n: int, include_usage: bool
+    ) -> None:
+        self._writer = writer
+        self._include_usage = include_usage
+        self._logprobs = shape.logprobs
+        self._readers = [ChoiceReader(shape) for _ in range(n)]
+        self._pending: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        self._done = [False] * n
+
+    def render(self, event: GenerationEvent) -> str:
+        k = event.index
+        if not 0 <= k < len(self._readers) or self._done[k]:
+            return ""
+        reader = self._readers[k]
+        if event.logprobs:
+            self._pending[k] += event.logprobs
+        pieces = reader.feed(event.text)
+        if event.finish_reason:
+            pieces += reader.finish()
+        out = b"".join(self._chunk(k, self._delta(piece)) for piece in pieces)
+        if event.finish_reason:
+            self._done[k] = True
+            reason = reader.finish_reason(event.finish_reason)
+            out += self._chunk(k, Delta(), reason)
+        return out.decode()
+
+    @staticmethod
+    def _delta(piece: Piece) -> Delta:
+        if isinstance(piece, str):
+            return Delta(content=piece)
+        assert isinstance(piece, CallDelta)
+        call = ToolCallDelta(
+            index=piece.index,
+            id=piece.id,
+            type="function" if piece.id is not None else None,
+            function=FunctionCallDelta(name=piece.name, arguments=piece.arguments),
+        )
+        return Delta(tool_calls=[call])
+
+    def _chunk(self, k: int, delta: Delta, finish: str | None = None) -> bytes:
+        logprobs = None
+        if self._logprobs and self._pending[k]:
+            logprobs = ChoiceLogprobs(content=token_logprobs(self._pending[k]))
+            self._pending[k] = []
+        choice = ChunkChoice(
+            index=k,
+            delta=delta,
+            logprobs=logprobs,
+            finish_reason=finish,
+        )
+        return self._writer.model([choice], None, self._include_usage)
+
+
 async def stream(
     events: AsyncIterator[GenerationEvent],
     first: GenerationEvent | None,
@@ -173,15 +301,18 @@ async def stream(
         include_usage,
     )
     unfinished = n
+    shaped = None if meta.shape is None else ShapedChunks(writer, meta.shape, n, include_usage)
 
     def render(event: GenerationEvent) -> str:
         nonlocal unfinished
         totals.add(event)
-        out = ""
-        if event.text:
-            out = writer.content(event.index, event.text)
+        if shaped is not None:
+            out = shaped.render(event)
+        else:
+            out = writer.content(event.index, event.text) if event.text else ""
+            if event.finish_reason:
+                out += writer.finish(event.index, event.finish_reason)
         if event.finish_reason:
-            out += writer.finish(event.index, event.finish_reason)
             unfinished -= 1
         return out
 

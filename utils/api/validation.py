@@ -22,6 +22,7 @@ from utils.api.protocol import (
     VideoURLPart,
     is_media,
 )
+from utils.api.tool_schema import NamedToolChoice
 from utils.engine.tags import has_tag
 from utils.errors import OpenAIError, bad_request, loc_to_param
 from utils.settings import Settings
@@ -43,6 +44,7 @@ def check_request(req: ChatCompletionRequest, settings: Settings) -> None:
             param=param,
             code="unsupported_parameter",
         )
+    _check_tools(req)
     _check_messages(req.messages, settings)
     max_new_tokens = req.max_new_tokens or settings.default_max_tokens
     if req.min_tokens > max_new_tokens:
@@ -101,13 +103,7 @@ def _check_messages(messages: Sequence[ChatMessage], settings: Settings) -> None
     """Reserved tags in text, media only from users, and the media budgets."""
     images = videos = 0
     for i, message in enumerate(messages):
-        if message.role in ("tool", "function"):
-            raise bad_request(
-                f"messages[{i}]: the '{message.role}' role is not supported "
-                "(this server does not support tool calling).",
-                param=f"messages[{i}].role",
-                code="unsupported_parameter",
-            )
+        _check_tool_turn(message, i)
         if isinstance(message.content, str):
             _check_text(message.content, f"messages[{i}].content")
         if not isinstance(message.content, list):
@@ -148,4 +144,53 @@ def _check_messages(messages: Sequence[ChatMessage], settings: Settings) -> None
             f"max_videos_per_request={settings.max_videos_per_request}.",
             param="messages",
             code="too_many_videos",
+        )
+
+
+def _check_tools(req: ChatCompletionRequest) -> None:
+    """`tools`, `tool_choice` and `logprobs` against each other."""
+    names = [tool.function.name for tool in req.tools or []]
+    if len(set(names)) != len(names):
+        raise bad_request("Function names in 'tools' must be unique.", param="tools")
+    choice = req.tool_choice
+    if choice not in (None, "none") and not names:
+        raise bad_request(
+            "'tool_choice' is only allowed when 'tools' are specified.", param="tool_choice"
+        )
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise bad_request(
+            f"tool_choice names the function '{choice.function.name}', which is not in 'tools'.",
+            param="tool_choice.function.name",
+        )
+    forced = choice == "required" or isinstance(choice, NamedToolChoice)
+    if forced and req.json_schema_text is not None:
+        raise bad_request(
+            "'response_format' cannot be combined with a tool_choice that forces a call "
+            "(the call's arguments already follow the function's schema).",
+            param="response_format",
+        )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request(
+            "'logprobs' must be true when 'top_logprobs' is given.", param="top_logprobs"
+        )
+
+
+def _check_tool_turn(message: ChatMessage, i: int) -> None:
+    """Tool results answer a call by id; calls come from the assistant."""
+    if message.role == "function":
+        raise bad_request(
+            f"messages[{i}]: the legacy 'function' role is not supported; send tool "
+            "results as 'tool' messages with their 'tool_call_id'.",
+            param=f"messages[{i}].role",
+            code="unsupported_parameter",
+        )
+    if message.role == "tool" and not message.tool_call_id:
+        raise bad_request(
+            f"messages[{i}]: a 'tool' message needs the 'tool_call_id' of the call it answers.",
+            param=f"messages[{i}].tool_call_id",
+        )
+    if message.tool_calls and message.role != "assistant":
+        raise bad_request(
+            f"messages[{i}]: only assistant messages carry 'tool_calls'.",
+            param=f"messages[{i}].tool_calls",
         )

@@ -28,7 +28,7 @@ from utils.engine.messages import (
     WorkerConfig,
 )
 from utils.engine.prompt import Prepared, Preparer, RequestError
-from utils.engine.types import FinishReason, GenerationRequest
+from utils.engine.types import FinishReason, GenerationRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,18 @@ class ChoiceState:
         "ids",
         "index",
         "last_sent",
+        "logprobs",
         "replayed",
         "stop",
         "tokens",
     )
 
     def __init__(
-        self, index: int, stops: Sequence[str], table: ByteTokenTable | None = None
+        self,
+        index: int,
+        stops: Sequence[str],
+        table: ByteTokenTable | None = None,
+        logprobs: bool = False,
     ) -> None:
         self.index = index
         self.closed = False  # its final event is out
@@ -77,6 +82,8 @@ class ChoiceState:
         self.finish: str | None = None
         self.held = ""  # text waiting for the stream interval
         self.last_sent = -1.0
+        # (token id, log probability) read but not sent yet, when the client asked
+        self.logprobs: list[tuple[int, float]] | None = [] if logprobs else None
 
 
 def finish_reason_name(reason: Any) -> str | None:
@@ -94,7 +101,8 @@ class ActiveRequest:
         self.prep = prep
         self.handle = handle
         n = prep.params.n if prep.replicate == 1 else 1
-        self.choices = [ChoiceState(i, prep.params.stop, table) for i in range(n)]
+        params = prep.params
+        self.choices = [ChoiceState(i, params.stop, table, params.logprobs) for i in range(n)]
         self.key_to_choice: dict[int, ChoiceState] = {}
         self.started = time.monotonic()
         # One choice and no stop strings: nothing to act on between two pieces of text,
@@ -169,7 +177,7 @@ class Backend:
 
     def fail(self, rid: int, exc: BaseException) -> None:
         if isinstance(exc, RequestError):
-            self.errors.append(RequestFailure(rid, exc.status, exc.message, exc.code))
+            self.errors.append(RequestFailure(rid, exc.status, exc.message, exc.code, exc.param))
             return
         logger.warning("request %d failed: %s", rid, exc)
         self.errors.append(
@@ -233,10 +241,31 @@ class Backend:
             text, choice.held = choice.held + text, ""
         choice.last_sent = now
         visual = active.prep.visual_tokens if finish is not None else 0
+        logprobs = self._token_logprobs(choice)
         for index in self._indices(active, choice):
             self.events.append(
-                TextEvent(active.rid, index, text, choice.tokens, finish, prompt_tokens, visual)
+                TextEvent(
+                    active.rid, index, text, choice.tokens, finish, prompt_tokens, visual, logprobs
+                )
             )
+
+    def _token_logprobs(self, choice: ChoiceState) -> list[TokenLogprob] | None:
+        """The choice's tokens since its last event, with their text and bytes."""
+        pending = choice.logprobs
+        if not pending:
+            return None
+        choice.logprobs = []
+        ids = [token for token, _ in pending]
+        if self.table is not None:
+            raw = [
+                self.table.table[token] if token < len(self.table.table) else b"" for token in ids
+            ]
+        else:
+            raw = [text.encode() for text in self.decode([[token] for token in ids])]
+        return [
+            (piece.decode("utf-8", "replace"), logprob, piece)
+            for piece, (_, logprob) in zip(raw, pending, strict=True)
+        ]
 
     @staticmethod
     def _indices(active: ActiveRequest, choice: ChoiceState) -> range:

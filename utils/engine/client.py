@@ -40,7 +40,7 @@ from utils.engine.messages import (
 )
 from utils.engine.model_config import ModelConfig
 from utils.engine.session import Session
-from utils.engine.types import GenerationEvent, GenerationRequest, ModelInfo
+from utils.engine.types import GenerationEvent, GenerationRequest, ModelInfo, TokenLogprob
 from utils.engine.watchdog import StallDetector, cpu_seconds
 from utils.errors import OpenAIError
 from utils.settings import Settings
@@ -51,6 +51,15 @@ READY_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
 WATCH_INTERVAL_S = 1.0  # at most; shorter for short stall timeouts
+
+
+def _joined(
+    first: list[TokenLogprob] | None, second: list[TokenLogprob] | None
+) -> list[TokenLogprob] | None:
+    """The log probabilities of two events merged into one."""
+    if first is None or second is None:
+        return first if second is None else second
+    return first + second
 
 
 @dataclass(eq=False)
@@ -334,6 +343,7 @@ class EngineClient:
                         event.finish_reason,
                         event.prompt_tokens,
                         event.visual_tokens,
+                        event.logprobs,
                     )
                 )
         for error in outputs.errors:
@@ -341,7 +351,13 @@ class EngineClient:
             if request is not None:
                 headers = {"Retry-After": "1"} if error.status in (429, 503) else None
                 request.queue.put_nowait(
-                    OpenAIError(error.status, error.message, code=error.code, headers=headers)
+                    OpenAIError(
+                        error.status,
+                        error.message,
+                        param=error.param,
+                        code=error.code,
+                        headers=headers,
+                    )
                 )
 
     def _expire(self, rid: int) -> None:
@@ -418,6 +434,7 @@ class EngineClient:
                         carry.finish_reason,
                         carry.prompt_tokens,
                         max(item.visual_tokens, carry.visual_tokens),
+                        _joined(item.logprobs, carry.logprobs),
                     )
                     carry = None
                 if item.finish_reason is not None:

@@ -260,6 +260,9 @@ class CBBackend(Backend):
                         self.errors.append(_kv_cache_full(active.rid))
                         return []
                     ids = new
+                if choice.logprobs is not None and ids:
+                    scores = list(output.generated_log_probs)[-len(ids) :]
+                    choice.logprobs.extend(zip(ids, scores, strict=True))
                 choice.ids += ids
                 choice.detok.add(ids)
                 choice.tokens += len(ids)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from utils.engine.model_config import ModelConfig
-from utils.engine.types import FinishReason, GenerationRequest
+from utils.engine.types import FinishReason, GenerationRequest, TokenLogprob
 
 
 @dataclass
@@ -65,6 +65,7 @@ class TextEvent(NamedTuple):
     finish_reason: FinishReason | None
     prompt_tokens: int
     visual_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 class RequestFailure(NamedTuple):
@@ -72,6 +73,7 @@ class RequestFailure(NamedTuple):
     status: int
     message: str
     code: str | None
+    param: str | None = None  # the request field at fault
 
 
 class EngineStats(NamedTuple):

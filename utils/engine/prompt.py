@@ -20,11 +20,18 @@ logger = logging.getLogger(__name__)
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
+
+
+# A chat template that reads the `tools` variable can render tool definitions.
+_TEMPLATE_TOOLS = re.compile(r"\btools\b")
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Preparer:
         self.base_config_path = self.model_dir / "generation_config.json"
         self.eos_token_id = int(tokenizer.get_eos_token_id())
         self.leading_bos = self._added_bos(tokenizer)
+        self.template_takes_tools = bool(_TEMPLATE_TOOLS.search(str(tokenizer.chat_template)))
 
     @staticmethod
     def _added_bos(tokenizer: Any) -> str:
@@ -88,7 +96,7 @@ class Preparer:
             media += [self.visual.video(vid.shape, fps[i]) for i, vid in enumerate(videos)]
         except MediaRefused as exc:
             raise RequestError(400, str(exc), "invalid_media") from exc
-        prompt = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
+        prompt = self._render(request)
         if self.leading_bos and prompt.startswith(self.leading_bos):
             # the tokenizer adds BOS itself: a template's own would make two
             prompt = prompt[len(self.leading_bos) :]
@@ -124,6 +132,30 @@ class Preparer:
             media=media,
             videos_metadata=self._videos_metadata(videos, fps),
         )
+
+    def _render(self, request: GenerationRequest) -> str:
+        if not request.tools:
+            return str(
+                self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True)
+            )
+        if not self.template_takes_tools:
+            raise RequestError(
+                400,
+                f"'tools' cannot be used with this model: its chat template ({self.model_type}) "
+                "has no tool support.",
+                "unsupported_parameter",
+                param="tools",
+            )
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(
+                    request.messages, add_generation_prompt=True, tools=request.tools
+                )
+            )
+        except Exception as exc:  # the template refused the conversation
+            raise RequestError(
+                400, f"The chat template could not render the tools: {exc}", param="tools"
+            ) from exc
 
     def _videos_metadata(self, videos: list[Any], fps: list[float]) -> list[Any] | None:
         """Qwen3-VL samples a video's frames again unless told which to keep: keep all
@@ -188,6 +220,8 @@ class Preparer:
         cfg.presence_penalty = params.presence_penalty
         cfg.frequency_penalty = params.frequency_penalty
         cfg.num_beams = 1
+        if params.logprobs:
+            cfg.logprobs = 1  # the chosen token's; GenAI computes no alternatives
         replicate = 1
         greedy = params.temperature <= 1e-5
         if greedy:

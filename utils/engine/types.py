@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
 FinishReason = Literal["stop", "length"]
+
+# One generated token's log probability: (text, log probability, bytes)
+TokenLogprob = tuple[str, float, bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +33,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     ignore_eos: bool = False
     json_schema: str | None = None  # structured output, a JSON schema as text
+    logprobs: bool = False  # report each generated token's log probability
 
 
 @dataclass(slots=True)
@@ -37,11 +41,13 @@ class GenerationRequest:
     request_id: str
     # Chat turns; each content is text in which `<ov_genai_image_N>` and
     # `<ov_genai_video_N>` tags mark where images[N] and videos[N] belong.
-    messages: list[dict[str, str]]
+    # Assistant turns may carry `tool_calls`, tool turns their `tool_call_id`.
+    messages: list[dict[str, Any]]
     params: SamplingParams
     images: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, HWC
     videos: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, FHWC
     video_fps: list[float] = field(default_factory=list)  # frame rate of videos[N], 0: unknown
+    tools: list[dict[str, Any]] | None = None  # for the chat template's `tools`
 
 
 @dataclass(slots=True)
@@ -54,6 +60,7 @@ class GenerationEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0  # prompt length with visual tokens, once known
     visual_tokens: int = 0  # of prompt_tokens, those of images and videos, once known
+    logprobs: list[TokenLogprob] | None = None  # of this event's tokens, when asked for
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from typing import Any
 from utils.engine.backend import ActiveRequest, Backend, Channel, ChoiceState
 from utils.engine.detokenize import ByteTokenTable
 from utils.engine.messages import EngineStats, TextEvent, WorkerConfig
-from utils.engine.prompt import Prepared, Preparer
+from utils.engine.prompt import Prepared, Preparer, RequestError
 from utils.engine.types import GenerationRequest
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,20 @@ class VLMBackend(Backend):
         self.cancelled: set[int] = set()
 
     def add(self, rid: int, request: GenerationRequest) -> None:
+        if request.params.logprobs:
+            # generate() reports a sequence's summed score, not each token's
+            self.fail(
+                rid,
+                RequestError(
+                    400,
+                    "'logprobs' is not available with the VLMPipeline engine: it does not "
+                    "report per-token log probabilities (the continuous batching engine "
+                    "does).",
+                    "unsupported_parameter",
+                    param="logprobs",
+                ),
+            )
+            return
         try:
             prep = self.preparer.prepare(request)
         except Exception as exc:
