@@ -4,6 +4,7 @@ engine process, beside the tiny Qwen2-VL."""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -256,3 +257,45 @@ def test_a_dead_speech_engine_fails_its_requests_and_restarts(live_server: LiveS
     assert asr.pid != pid
     assert post(base_url, TONE).status_code == 200
     assert asr.stats()["restarts"] == 1
+
+
+# --- audio in chat -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "part",
+    [
+        {
+            "type": "input_audio",
+            "input_audio": {"data": base64.b64encode(TONE).decode(), "format": "wav"},
+        },
+        {"type": "audio_url", "audio_url": {"url": "https://example.com/speech.mp3"}},
+    ],
+)
+def test_a_model_that_cannot_hear_names_the_audio_part(
+    client: openai.OpenAI, part: dict[str, Any], stream: bool
+) -> None:
+    messages: Any = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is said?"}, part]},
+    ]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="embedded/tiny-qwen2-vl",
+            messages=messages,
+            max_completion_tokens=4,
+            stream=stream,
+        )
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["param"] == "messages[1].content[1]"
+    assert error["code"] == "audio_not_supported"
+    assert "/v1/audio/transcriptions" in error["message"]
+    # the chat model still answers
+    answer = client.chat.completions.create(
+        model="embedded/tiny-qwen2-vl",
+        messages=[*messages[:1], {"role": "user", "content": "Hi"}],
+        max_completion_tokens=2,
+    )
+    assert answer.choices[0].message.content is not None
