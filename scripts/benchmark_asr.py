@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import statistics
+import sys
 import threading
 import time
 import wave
@@ -152,8 +153,11 @@ def main() -> None:
 
     import openvino_genai as genai
 
-    audio = make_audio(args.seconds)
-    wav = to_wav(audio)
+    from utils.media.audio import decode_audio
+
+    wav = to_wav(make_audio(args.seconds))
+    # the raw pipeline gets exactly the samples the server decodes from the file
+    audio = decode_audio(wav, max_duration_s=args.seconds + 1, max_channels=1)
     pipe = genai.WhisperPipeline(str(args.raw), args.device)
     pipe.generate(audio[:SAMPLE_RATE], max_new_tokens=2)  # warm-up, as the server does
     server_round(args.url, args.model, to_wav(audio[:SAMPLE_RATE]), None)
@@ -216,4 +220,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()
