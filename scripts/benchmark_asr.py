@@ -178,7 +178,8 @@ def main() -> None:
                 )
             else:
                 started = time.perf_counter()
-                raw_text = pipe.generate(audio).texts[0]
+                # the options the server's speech engine passes for a plain transcription
+                raw_text = pipe.generate(audio, task="transcribe", return_timestamps=False).texts[0]
                 times[side] = time.perf_counter() - started
         server_rtf.append(args.seconds / times["server"])
         raw_rtf.append(args.seconds / times["raw"])
