@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 import uvicorn
 from fastapi import FastAPI
 
+from utils.api.asr_metrics import install_asr_metrics
+from utils.api.audio import router as audio_router
 from utils.api.chat import router as chat_router
 from utils.api.devices import router as devices_router
 from utils.api.health import router as health_router
@@ -22,10 +24,12 @@ from utils.api.models import router as models_router
 from utils.api.security import install_log_filter, install_security
 from utils.api.state import AppState, app_state
 from utils.devices import DeviceError, check_device
+from utils.engine.asr_client import AsrClient
 from utils.engine.client import EngineClient
 from utils.errors import install_error_handlers
 from utils.media.cache import DecodedImageCache
 from utils.media.fetch import MediaFetcher
+from utils.models.asr_export import asr_preflight, ensure_asr_model
 from utils.models.export import ModelExportError, ensure_model, preflight
 from utils.settings import Settings, SettingsLoadError, load_settings
 
@@ -55,15 +59,34 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise
         state.engine = engine
 
+    async def load_speech() -> None:
+        # The speech model gets an engine process of its own, loaded beside the chat model.
+        try:
+            model_dir = await asyncio.to_thread(ensure_asr_model, settings)
+            if model_dir is None:
+                return
+            asr = AsrClient(settings, model_dir)
+            await asr.start()
+        except Exception as exc:
+            logger.error("the speech model could not be loaded: %s", exc)
+            raise
+        state.asr = asr
+
     state.loader = asyncio.create_task(load())
+    if settings.asr_model:
+        state.asr_loader = asyncio.create_task(load_speech())
     try:
         yield
     finally:
-        state.loader.cancel()
-        with contextlib.suppress(BaseException):
-            await state.loader
+        for loader in (state.loader, state.asr_loader):
+            if loader is not None:
+                loader.cancel()
+                with contextlib.suppress(BaseException):
+                    await loader
         if isinstance(state.engine, EngineClient):
             await state.engine.stop()
+        if state.asr is not None:
+            await state.asr.stop()
         await state.fetcher.aclose()
 
 
@@ -74,10 +97,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_security(app, settings)
     install_metrics(app)  # after security: counts its 401/413 answers too
+    install_asr_metrics(app)
     app.include_router(health_router)
     app.include_router(devices_router)
     app.include_router(models_router)
     app.include_router(chat_router)
+    app.include_router(audio_router)
     return app
 
 
@@ -97,6 +122,7 @@ def main() -> None:
         sys.exit(f"error: {exc}")
     try:  # a model that cannot be found or exported fails here, in one line
         preflight(settings)
+        asr_preflight(settings)
     except ModelExportError as exc:
         sys.exit(f"error: {exc}")
     uvicorn.run(

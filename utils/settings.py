@@ -203,6 +203,23 @@ class Settings(BaseSettings):
         None, description="If set, file:// media URLs may read files under this directory."
     )
 
+    # --- speech -----------------------------------------------------------
+    asr_model: str | None = Field(
+        None,
+        description="Whisper model (Hugging Face id or local directory) that serves "
+        "/v1/audio/transcriptions and /v1/audio/translations; unset: no speech endpoints. "
+        "`embedded/tiny-whisper` is a tiny random-weight Whisper built offline.",
+    )
+    asr_weight_format: Literal["fp16", "int8"] = Field(
+        "fp16", description="Weight format of the exported Whisper model."
+    )
+    audio_max_duration_s: float = Field(
+        1200.0, gt=0.0, description="Longest audio accepted (a file or a chat audio part)."
+    )
+    audio_max_channels: int = Field(
+        8, ge=1, description="Most audio channels accepted (they are mixed down to mono)."
+    )
+
     @field_validator("api_keys", "cors_origins", "media_allowed_domains", mode="before")
     @classmethod
     def _csv(cls, value: Any) -> Any:

@@ -52,7 +52,10 @@ def _model_card(name: str) -> dict[str, Any]:
 
 @router.get("/v1/models")
 async def list_models(state: State) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(state.settings.public_model_name)]}
+    names = [state.settings.public_model_name]
+    if state.settings.asr_model:  # the speech endpoints' Whisper model
+        names.append(state.settings.asr_model)
+    return {"object": "list", "data": [_model_card(name) for name in names]}
 
 
 @router.get("/v1/models/{model_id:path}")

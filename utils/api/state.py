@@ -14,6 +14,7 @@ from utils.settings import Settings
 if TYPE_CHECKING:
     from utils.api.devices import DeviceService
     from utils.api.metrics import Metrics
+    from utils.engine.asr_client import AsrClient
     from utils.engine.types import Engine
     from utils.media.cache import DecodedImageCache
     from utils.media.fetch import MediaFetcher
@@ -28,6 +29,8 @@ class AppState:
     image_cache: DecodedImageCache | None = None
     engine: Engine | None = None  # set once the model is loaded
     loader: asyncio.Task[None] | None = None  # exports and loads the model
+    asr: AsrClient | None = None  # the speech engine, once VLM_ASR_MODEL is loaded
+    asr_loader: asyncio.Task[None] | None = None
 
     @property
     def phase(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from utils.api.audio_parts import refuse_audio_parts
 from utils.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -65,6 +66,7 @@ def parse_request(body: Any) -> ChatCompletionRequest:
     extensions) and named in a debug log line, so a typo can be found."""
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.")
+    refuse_audio_parts(body)
     ignored = sorted(set(body) - _KNOWN_FIELDS)
     if ignored:
         logger.debug("ignored request fields: %s", ", ".join(map(str, ignored)))

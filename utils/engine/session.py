@@ -9,6 +9,10 @@ writes what the event loop cannot write at once.
   what the socket holds (`MSG_DONTWAIT`), decodes multiprocessing's framing into
   messages, and keeps a message cut short (a worker stopped half-way through writing
   it) until the rest arrives. The worker side is a plain `Connection`.
+
+A session settles its start-up from `EngineReady` / `EngineFatal` and hands every other
+message to its owner: the chat engine's `StepOutputs` (utils/engine/client.py) or the
+speech engine's transcripts (utils/engine/asr_client.py).
 """
 
 from __future__ import annotations
@@ -22,15 +26,12 @@ import struct
 import threading
 import time
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from utils.engine.messages import (
     AddRequest,
     EngineFatal,
     EngineReady,
-    FromEngine,
-    StepOutputs,
-    ToEngine,
 )
 
 # Messages up to this size are pickled and sent from the event loop (a request with
@@ -88,20 +89,23 @@ class FrameDecoder:
         return len(self.buffer)
 
 
-class SessionOwner(Protocol):
-    """What a session reports to (the EngineClient)."""
+OutputT = TypeVar("OutputT", contravariant=True)
 
-    def on_step(self, session: Session, outputs: StepOutputs) -> None: ...
+
+class SessionOwner(Protocol[OutputT]):
+    """What a session reports to (the EngineClient, the AsrClient)."""
+
+    def on_step(self, session: Session, outputs: OutputT) -> None: ...
 
     def on_exit(self, session: Session, reason: str) -> None: ...
 
 
-def _payload_bytes(message: ToEngine) -> int:
-    """Bytes of the images and videos in a message (nothing else in one is large)."""
-    if not isinstance(message, AddRequest):
-        return 0
-    request = message.request
-    return sum(a.nbytes for a in request.images) + sum(a.nbytes for a in request.videos)
+def _payload_bytes(message: object) -> int:
+    """Bytes of the images, videos or audio in a message (nothing else in one is large)."""
+    if isinstance(message, AddRequest):
+        request = message.request
+        return sum(a.nbytes for a in request.images) + sum(a.nbytes for a in request.videos)
+    return int(getattr(message, "payload_bytes", 0))
 
 
 class Session:
@@ -109,7 +113,7 @@ class Session:
 
     def __init__(
         self,
-        owner: SessionOwner,
+        owner: SessionOwner[Any],
         loop: asyncio.AbstractEventLoop,
         process: Any,
         conn: Any,
@@ -124,7 +128,7 @@ class Session:
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         self.frames = FrameDecoder()
         self.last_message = time.monotonic()  # when a whole message last arrived
-        self.outbox: queue.SimpleQueue[ToEngine | bytes | None] = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.queued = 0  # messages handed to the writer thread and not written yet
         self.lock = threading.Lock()
         self.alive = True
@@ -140,7 +144,7 @@ class Session:
         os.set_blocking(self.conn.fileno(), True)
         self.writer.start()
 
-    def send(self, message: ToEngine) -> None:
+    def send(self, message: object) -> None:
         """Sends `message` from the event loop when the pipe takes all of it at once
         (the usual case: waking the writer thread would cost more than the write).
         Large messages, the rest of a partial write and every message behind them go
@@ -148,7 +152,7 @@ class Session:
         if not self.alive:
             return
         if _payload_bytes(message) > DIRECT_SEND_BYTES:
-            item: ToEngine | bytes = message  # pickled by the writer thread
+            item: object = message  # pickled by the writer thread
         else:
             data = ForkingPickler.dumps(message)
             item = struct.pack("!i", len(data)) + data  # multiprocessing's framing
@@ -208,7 +212,7 @@ class Session:
                 if not self.alive:
                     return
                 try:
-                    message: FromEngine = ForkingPickler.loads(frame)
+                    message: object = ForkingPickler.loads(frame)
                 except Exception as exc:  # a message that does not unpickle
                     self.owner.on_exit(self, f"bad message from the engine: {exc}")
                     return
@@ -216,15 +220,15 @@ class Session:
             if len(data) < READ_CHUNK_BYTES:
                 return  # the socket is (most likely) empty: no need to ask again
 
-    def _handle(self, message: FromEngine) -> None:
+    def _handle(self, message: object) -> None:
         self.last_message = time.monotonic()
-        if isinstance(message, StepOutputs):
-            self.owner.on_step(self, message)
-        elif isinstance(message, EngineReady):
+        if isinstance(message, EngineReady):
             self.resolve(message, None)
         elif isinstance(message, EngineFatal):
             self.exit_reason = message.message
             self.resolve(None, self.exit_reason)
+        else:  # the engine's output: StepOutputs, or a speech engine's transcript
+            self.owner.on_step(self, message)
 
     def resolve(self, ready: EngineReady | None, error: str | None) -> None:
         """Settles `ready`: the engine's EngineReady, or the error it failed with."""

@@ -48,8 +48,8 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
     tmp.rename(directory / MANIFEST_NAME)
 
 
-def check_export(directory: Path) -> str | None:
-    """Why `directory` is not a complete export, or None when it is."""
+def check_export(directory: Path, required: tuple[str, ...] = REQUIRED_FILES) -> str | None:
+    """Why `directory` is not a complete export (with the `required` files), or None."""
     if not directory.is_dir():
         return "missing"
     try:
@@ -61,7 +61,7 @@ def check_export(directory: Path) -> str | None:
         return "no manifest (interrupted export?)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest ({exc.__class__.__name__})"
-    for name in REQUIRED_FILES:
+    for name in required:
         if name not in files:
             return f"{name} not in manifest"
     for name, size in files.items():
