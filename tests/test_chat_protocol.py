@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.server import data_url, make_image, make_video
-from utils.api.chat import _unless_disconnected
+from utils.api.disconnect import unless_disconnected
 from utils.api.models import resolve_model
 from utils.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, parse_max_pixels
 from utils.api.requests import build_generation_request, to_sampling_params
@@ -434,7 +434,7 @@ async def test_work_runs_in_the_calling_task_until_the_client_goes_away() -> Non
         runs_in.append(asyncio.current_task())
         return "done"
 
-    assert await _unless_disconnected(connection, quick()) == "done"  # type: ignore[arg-type]
+    assert await unless_disconnected(connection, quick()) == "done"  # type: ignore[arg-type]
     assert runs_in == [asyncio.current_task()]
     connection.gone.set()  # a disconnect after the work ended cancels nothing
     await asyncio.sleep(0.01)
@@ -450,14 +450,14 @@ async def test_work_runs_in_the_calling_task_until_the_client_goes_away() -> Non
     connection = _Connection()
     asyncio.get_running_loop().call_later(0.01, connection.gone.set)
     with pytest.raises(OpenAIError) as caught:
-        await _unless_disconnected(connection, endless())  # type: ignore[arg-type]
+        await unless_disconnected(connection, endless())  # type: ignore[arg-type]
     assert caught.value.status == 499 and cleaned_up.is_set()
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 async def test_a_cancellation_from_elsewhere_is_not_reported_as_a_disconnect() -> None:
     async def handler() -> None:
-        await _unless_disconnected(_Connection(), asyncio.sleep(3600))  # type: ignore[arg-type]
+        await unless_disconnected(_Connection(), asyncio.sleep(3600))  # type: ignore[arg-type]
 
     task = asyncio.create_task(handler())
     await asyncio.sleep(0.01)

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import FormData, UploadFile
 
-from utils.api.chat import _unless_disconnected
+from utils.api.disconnect import unless_disconnected
 from utils.api.state import AppState, State
 from utils.api.transcripts import RESPONSE_FORMATS, TIMED_FORMATS, render
 from utils.engine.asr_client import AsrClient
@@ -177,7 +177,7 @@ async def _transcribe(request: Request, state: AppState, form: FormData, task: A
         max_channels=settings.audio_max_channels,
     )
     timed = response_format in TIMED_FORMATS
-    transcript = await _unless_disconnected(
+    transcript = await unless_disconnected(
         request,
         engine.transcribe(
             audio,

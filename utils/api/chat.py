@@ -8,19 +8,19 @@ event stream (utils/api/responses.py).
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from utils.api.choice_output import output_shape
+from utils.api.disconnect import unless_disconnected
 from utils.api.metrics import track_generation
 from utils.api.models import resolve_model
 from utils.api.protocol import ChatCompletion, ChatCompletionRequest
@@ -39,44 +39,6 @@ from utils.engine.types import Engine, GenerationEvent
 from utils.errors import OpenAIError, bad_request
 
 router = APIRouter()
-
-T = TypeVar("T")
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it when the client goes away first. `work` runs in
-    this task: handing it to a task of its own would make it wait for its turn on a
-    busy event loop."""
-    task = asyncio.current_task()
-    assert task is not None
-    watching, gone = True, False
-
-    def on_disconnect(watcher: asyncio.Future[None]) -> None:
-        nonlocal gone
-        if watching and not watcher.cancelled() and watcher.exception() is None:
-            gone = True
-            task.cancel()
-
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    watcher.add_done_callback(on_disconnect)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            raise OpenAIError(
-                499, "The client closed the connection.", code="client_disconnected"
-            ) from None
-        raise
-    finally:
-        watching = False
-        watcher.cancel()
 
 
 def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +126,7 @@ async def create_chat_completion(request: Request, state: State) -> Response:
             await aclose(events)
             raise
 
-    events, first = await _unless_disconnected(request, start())
+    events, first = await unless_disconnected(request, start())
     shape = output_shape(req, engine.info.model_type)
     meta = ResponseMeta(completion_id, created, model, fingerprint, req.n, shape)
     if req.stream:
@@ -174,5 +136,5 @@ async def create_chat_completion(request: Request, state: State) -> Response:
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    completion = await _unless_disconnected(request, complete(events, first, meta))
+    completion = await unless_disconnected(request, complete(events, first, meta))
     return JSONResponse(completion.model_dump(mode="json"))
