@@ -98,3 +98,9 @@ def test_trimming_returns_freed_memory_to_the_system() -> None:
     libc.free(keep)
     assert trimmer.trims == 1
     assert before - after > 60, (before, after)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_the_arena_cap_is_accepted_by_the_c_library() -> None:
+    """mallopt answers 1 when it takes the setting and 0 when it refuses it."""
+    assert heap.limit_arenas() is True

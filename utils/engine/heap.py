@@ -1,4 +1,5 @@
-"""Gives the engine's freed heap memory back to the operating system when it goes idle.
+"""Keeps the engine's heap from creeping up: fewer glibc arenas, and freed memory given
+back to the operating system when the engine goes idle.
 
 OpenVINO allocates and frees many small objects from its worker threads (executors
 made for each new input shape, per-request buffers). glibc keeps what is freed in its
@@ -12,18 +13,38 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import time
 from collections.abc import Callable
 
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+
+def _libc_function(name: str) -> Callable[..., int] | None:
+    path = ctypes.util.find_library("c")
+    if path is None:
         return None
     try:
-        return ctypes.CDLL(name).malloc_trim
+        function: Callable[..., int] = getattr(ctypes.CDLL(path), name)
+        return function
     except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim")
+
+
+def limit_arenas() -> bool:
+    """Caps glibc's malloc arenas at one per usable core, before the process starts its
+    threads. glibc makes up to eight per core; each thread that allocates may get its
+    own, and memory freed in one arena is not reused by the others, so a process whose
+    threads come and go (OpenVINO's, the server's thread pool) holds more and more
+    partly free arenas. False where the C library has no such setting."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_ARENA_MAX, max(2, len(os.sched_getaffinity(0)))))
 
 
 class HeapTrimmer:
