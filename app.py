@@ -26,6 +26,7 @@ from utils.api.state import AppState, app_state
 from utils.devices import DeviceError, check_device
 from utils.engine.asr_client import AsrClient
 from utils.engine.client import EngineClient
+from utils.engine.heap import limit_arenas
 from utils.errors import install_error_handlers
 from utils.media.cache import DecodedImageCache
 from utils.media.fetch import MediaFetcher
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def main() -> None:
+    limit_arenas()  # before any thread starts
     try:
         settings = load_settings()
     except SettingsLoadError as exc:

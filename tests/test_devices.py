@@ -348,7 +348,20 @@ def test_unknown_ov_property_warns(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.usefixtures("no_env_ov_config")
 def test_engine_properties_on_cpu_pass_ov_config_through(tmp_path: Path) -> None:
     settings = Settings(device="CPU", model_cache_dir=tmp_path, ov_config={"NUM_STREAMS": 1})
-    assert engine_properties(settings) == {"NUM_STREAMS": 1}
+    assert engine_properties(settings) == {"NUM_STREAMS": 1, "CPU_RUNTIME_CACHE_CAPACITY": 100}
+
+
+def test_the_cpu_runtime_cache_is_bounded_on_the_cpu_only(tmp_path: Path) -> None:
+    """The setting reaches the CPU plugin, VLM_OV_CONFIG overrides it, and no other
+    device is given a property it does not know."""
+    small = Settings(device="CPU", model_cache_dir=tmp_path, cpu_runtime_cache_capacity=7)
+    assert engine_properties(small)["CPU_RUNTIME_CACHE_CAPACITY"] == 7
+    own = {"CPU_RUNTIME_CACHE_CAPACITY": "0"}
+    overridden = Settings(device="CPU", model_cache_dir=tmp_path, ov_config=own)
+    assert engine_properties(overridden)["CPU_RUNTIME_CACHE_CAPACITY"] == "0"
+    for device in ("GPU", "AUTO", "HETERO:GPU,CPU"):
+        gpu = Settings(device=device, model_cache_dir=tmp_path)
+        assert "CPU_RUNTIME_CACHE_CAPACITY" not in engine_properties(gpu)
 
 
 @pytest.mark.usefixtures("no_env_ov_config")

@@ -245,9 +245,12 @@ def compiled_cache_dir(settings: Settings) -> Path | None:
 
 
 def engine_properties(settings: Settings) -> dict[str, Any]:
-    """The OpenVINO properties the engine passes to its pipeline: VLM_OV_CONFIG
-    plus CACHE_DIR (see compiled_cache_dir) unless VLM_OV_CONFIG sets its own."""
+    """The OpenVINO properties the engine passes to its pipeline: VLM_OV_CONFIG, plus
+    CACHE_DIR (see compiled_cache_dir) and, on the CPU, CPU_RUNTIME_CACHE_CAPACITY,
+    unless VLM_OV_CONFIG sets its own."""
     properties = dict(validate_ov_config(settings.ov_config))
+    if settings.device.upper() == "CPU":
+        properties.setdefault("CPU_RUNTIME_CACHE_CAPACITY", settings.cpu_runtime_cache_capacity)
     cache_dir = compiled_cache_dir(settings)
     if cache_dir is not None and "CACHE_DIR" not in properties:
         cache_dir.mkdir(parents=True, exist_ok=True)

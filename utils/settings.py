@@ -72,6 +72,14 @@ class Settings(BaseSettings):
         default_factory=dict,
         description='Extra OpenVINO properties as JSON, e.g. {"PERFORMANCE_HINT": "LATENCY"}.',
     )
+    cpu_runtime_cache_capacity: int = Field(
+        100,
+        ge=0,
+        description="Entries the CPU plugin keeps per kind of kernel made for a new input "
+        "shape (OpenVINO's CPU_RUNTIME_CACHE_CAPACITY, 5000 by default): continuous batching "
+        "makes a new shape at almost every step, and a large cache keeps the engine's memory "
+        "growing for hours. VLM_OV_CONFIG overrides it.",
+    )
     compiled_cache_dir: Path | None = Field(
         None,
         description="OpenVINO CACHE_DIR for compiled models, on any device (default: "

@@ -16,6 +16,7 @@ from utils.engine.detokenize import (
     StopMatcher,
     decode_pending,
 )
+from utils.engine.heap import HeapTrimmer
 from utils.engine.messages import (
     AbortRequest,
     AddRequest,
@@ -139,6 +140,7 @@ class Backend:
         self.step_seconds = 0.0
         self.overhead_seconds = 0.0
         self.stream_interval = 0.0
+        self.heap = HeapTrimmer()
         self.table: ByteTokenTable | None = None
 
     # messages from the API process

@@ -182,7 +182,8 @@ class CBBackend(Backend):
             if self.stopping:
                 break
             self.admit()
-            if self.active or self.pipe.has_non_finished_requests():
+            stepped = bool(self.active or self.pipe.has_non_finished_requests())
+            if stepped:
                 before_step = clock()
                 try:
                     self.pipe.step()
@@ -199,6 +200,7 @@ class CBBackend(Backend):
                 self.collect()
                 self.overhead_seconds += (before_step - started) + (clock() - after_step)
             self.flush()
+            self.heap.tick(busy=stepped)
 
     def collect(self, every: bool = False) -> None:
         """Reads the new outputs and queues their events. A lazy request (see ActiveRequest)

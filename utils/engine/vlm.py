@@ -67,10 +67,12 @@ class VLMBackend(Backend):
         while not self.stopping:
             self.drain(0 if self.queue else 0.2)
             self.flush()
-            if self.queue and not self.stopping:
+            worked = bool(self.queue) and not self.stopping
+            if worked:
                 rid, prep = self.queue.popleft()
                 self.generate(rid, prep)
                 self.flush()
+            self.heap.tick(busy=worked)
 
     def generate(self, rid: int, prep: Prepared) -> None:
         runs = 1 if prep.replicate > 1 else prep.params.n
