@@ -28,6 +28,7 @@ from utils.engine.asr_messages import (
     TranscribeFailure,
     Transcript,
 )
+from utils.engine.heap import HeapTrimmer, limit_arenas
 from utils.engine.messages import EngineFatal, EngineReady, StopEngine
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,10 @@ class WhisperEngine:
 
 
 def serve(conn: Connection, engine: WhisperEngine) -> None:
+    heap = HeapTrimmer()
     while True:
+        if not conn.poll(heap.idle_interval_s):
+            heap.tick(busy=False)
         try:
             message = conn.recv()
         except (EOFError, OSError):
@@ -117,10 +121,12 @@ def serve(conn: Connection, engine: WhisperEngine) -> None:
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
             reply = TranscribeFailure(message.rid, 400, reason, "file", None)
         conn.send(reply)
+        heap.tick(busy=True)
 
 
 def main(conn: Connection, cfg: AsrWorkerConfig) -> None:
     """Process entry point (multiprocessing target)."""
+    limit_arenas()  # before OpenVINO starts its threads
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s [asr] %(name)s: %(message)s",

@@ -50,7 +50,7 @@ def limit_arenas() -> bool:
 class HeapTrimmer:
     def __init__(self, idle_interval_s: float = 5.0, busy_interval_s: float = 60.0) -> None:
         self._trim = _malloc_trim()
-        self._idle_interval_s = idle_interval_s
+        self.idle_interval_s = idle_interval_s
         self._busy_interval_s = busy_interval_s
         self._last = time.monotonic()
         self._worked = False
@@ -67,7 +67,7 @@ class HeapTrimmer:
         if not self._worked or self._trim is None:
             return
         now = time.monotonic()
-        due = self._busy_interval_s if busy else self._idle_interval_s
+        due = self._busy_interval_s if busy else self.idle_interval_s
         if now - self._last < due:
             return
         self._trim(0)
