@@ -12,6 +12,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from utils.engine.model_config import ModelConfig
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -30,6 +32,7 @@ class SamplingParams:
     min_new_tokens: int = 0
     ignore_eos: bool = False
     json_schema: str | None = None  # structured output, a JSON schema as text
+    pruning_ratio: int = 0  # percent of visual tokens the engine prunes
 
 
 @dataclass(slots=True)
@@ -63,6 +66,8 @@ class ModelInfo:
     path: str
     supports_video: bool
     max_context: int  # tokens
+    # config.json and the preprocessor configs, for the vision budgets
+    model: ModelConfig | None = field(default=None, compare=False, repr=False)
 
 
 class Engine(Protocol):
