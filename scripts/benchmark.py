@@ -5,11 +5,15 @@ Server mode drives `/v1/chat/completions` with N concurrent streaming clients fo
 fixed number of requests, each with a locally generated image (as a data URL) and a
 fixed output length (`max_completion_tokens` plus the `min_tokens` / `ignore_eos`
 extension fields), and prints TTFT, inter-token latency, per-request and aggregate
-output tokens/s and errors. `--health` also probes `/health` while streams run.
+output tokens/s, prompt tokens and errors. `--health` also probes `/health` while
+streams run. `--photo 1280x720` sends photo-shaped JPEGs instead of square PNGs;
+`--detail` and `--pruning` set the image's `detail` and the request's `pruning_ratio`.
 
 Raw mode (`--raw MODEL_DIR`) runs the same inputs through OpenVINO GenAI in this
 process: `VLMPipeline` for one stream, `ContinuousBatchingPipeline` for several; with
-`--save` and `--baseline` the two runs give the server's overhead as a ratio.
+`--save` and `--baseline` the two runs give the server's overhead as a ratio. The
+raw pipeline is given every image at its full resolution, as a server that passes
+images through would (`--pruning` reaches its GenerationConfig too).
 `--paired` (with `--url` and `--raw`) alternates rounds of both on the same inputs
 and reports the median of the per-round ratios, which a drifting machine moves far
 less than two separate runs.
@@ -49,13 +53,16 @@ class Sample:
     end: float | None = None
     token_times: list[float] = field(default_factory=list)
     tokens: int = 0
+    prompt_tokens: int = 0
     error: str | None = None
 
 
-def make_image(size: int, seed: int = 0) -> np.ndarray:
-    """A smooth random-looking RGB picture (compresses like a photo, not like noise)."""
+def make_image(size: int, seed: int = 0, height: int | None = None) -> np.ndarray:
+    """A smooth random-looking RGB picture (compresses like a photo, not like noise),
+    `size` wide and `height` (default: `size`) high."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / max(size, 1)
+    height = size if height is None else height
+    y, x = np.mgrid[0:height, 0:size].astype(np.float32) / max(size, height, 1)
     channels = [
         np.sin(x * rng.uniform(2, 9) + y * rng.uniform(2, 9) + rng.uniform(0, 6)) for _ in range(3)
     ]
@@ -64,19 +71,39 @@ def make_image(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
 def make_images(args: argparse.Namespace) -> list[np.ndarray]:
-    """The benchmark's distinct images (`--images` of `--image-size`); none for 0."""
+    """The benchmark's distinct images (`--images` of `--image-size`, or photo-shaped
+    JPEGs of `--photo`, as decoded from the JPEG); none for size 0."""
+    if args.photo:
+        from PIL import Image
+
+        width, height = args.photo
+        photos = [_encode(make_image(width, i, height), "JPEG") for i in range(args.images)]
+        return [np.asarray(Image.open(io.BytesIO(data)).convert("RGB")) for data in photos]
     if args.image_size <= 0:
         return []
     return [make_image(args.image_size, seed=i) for i in range(args.images)]
 
 
-def image_data_url(image: np.ndarray) -> str:
-    from PIL import Image
+def image_data_url(image: np.ndarray, fmt: str = "PNG") -> str:
+    data = base64.b64encode(_encode(image, fmt)).decode()
+    return f"data:image/{fmt.lower()};base64,{data}"
 
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+def photo_size(value: str) -> tuple[int, int]:
+    width, _, height = value.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {value!r}") from None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,6 +141,7 @@ def summarize(samples: list[Sample], wall: float, label: str) -> dict[str, Any]:
         "error_examples": sorted({s.error for s in samples if s.error})[:3],
         "wall_s": wall,
         "output_tokens": total_tokens,
+        "prompt_tokens_p50": percentile([float(s.prompt_tokens) for s in ok], 50),
         "ttft_ms_p50": percentile(ttft, 50),
         "ttft_ms_p95": percentile(ttft, 95),
         "itl_ms_mean": statistics.fmean(itl) if itl else float("nan"),
@@ -129,7 +157,8 @@ def print_summary(result: dict[str, Any]) -> None:
     print(f"== {result['label']}")
     print(
         f"requests {result['requests']}  errors {result['errors']}  "
-        f"wall {result['wall_s']:.2f} s  output tokens {result['output_tokens']}"
+        f"wall {result['wall_s']:.2f} s  output tokens {result['output_tokens']}  "
+        f"prompt tokens p50 {result.get('prompt_tokens_p50', float('nan')):.0f}"
     )
     for example in result.get("error_examples") or []:
         print(f"  error: {example}")
@@ -275,6 +304,7 @@ class _SSEClient:
                 sample.error = str(chunk["error"].get("message"))[:200]
                 return True
             sample.tokens = int(chunk["usage"]["completion_tokens"])
+            sample.prompt_tokens = int(chunk["usage"].get("prompt_tokens", 0))
         return False
 
 
@@ -296,7 +326,8 @@ class ServerRunner:
         self.args = args
         self.base = args.url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        self.urls = [image_data_url(image) for image in make_images(args)]
+        fmt = "JPEG" if args.photo else "PNG"
+        self.urls = [image_data_url(image, fmt) for image in make_images(args)]
         self.sse = _SSEClient(f"{self.base}/v1/chat/completions", self.headers)
         self.model = args.model
         self.label = f"server {self.base} c={args.concurrency}"
@@ -317,11 +348,15 @@ class ServerRunner:
     def body(self, i: int) -> dict[str, Any]:
         args = self.args
         content: list[dict[str, Any]] = []
-        if args.image_size > 0:
-            url = self.urls[i % len(self.urls)]
-            content.append({"type": "image_url", "image_url": {"url": url}})
+        if self.urls:
+            image: dict[str, Any] = {"url": self.urls[i % len(self.urls)]}
+            if args.detail:
+                image["detail"] = args.detail
+            content.append({"type": "image_url", "image_url": image})
         content.append({"type": "text", "text": args.prompt})
+        extra = {} if args.pruning is None else {"pruning_ratio": args.pruning}
         return {
+            **extra,
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
             "max_completion_tokens": args.max_tokens,
@@ -431,6 +466,8 @@ class RawRunner:
         cfg.ignore_eos = True
         cfg.do_sample = False
         cfg.apply_chat_template = False
+        if self.args.pruning:
+            cfg.pruning_ratio = self.args.pruning
         return cfg
 
     def next_inputs(self) -> list[Any]:
@@ -477,13 +514,14 @@ class RawRunner:
         samples = []
         for _ in range(count):
             sample = Sample(start=time.perf_counter())
-            self.pipe.generate(
+            result = self.pipe.generate(
                 self.prompt,
                 images=self.next_inputs(),
                 generation_config=self.config(),
                 streamer=Streamer(sample),
             )
             sample.end = time.perf_counter()
+            sample.prompt_tokens = int(result.perf_metrics.get_num_input_tokens())
             samples.append(sample)
         return samples
 
@@ -513,6 +551,7 @@ class RawRunner:
                             self.record(sample, first_ids.setdefault(i, []), ids, now)
                 if handle.get_status() != genai.GenerationStatus.RUNNING:
                     sample.end = now
+                    sample.prompt_tokens = int(handle.get_perf_metrics().get_num_input_tokens())
                     done.append(sample)
                     del running[i]
         return done
@@ -533,6 +572,29 @@ PAIRED_KEYS = (
 )
 
 
+def server_modes(args: argparse.Namespace) -> dict[str, argparse.Namespace]:
+    """The server sides of a paired run: one per `--modes` entry (`DETAIL[:PRUNING]`,
+    e.g. `low,auto,high,high:50`), else the one of `--detail`/`--pruning`."""
+    if not args.modes:
+        return {"server": args}
+    modes: dict[str, argparse.Namespace] = {}
+    for mode in args.modes.split(","):
+        detail, _, pruning = mode.strip().partition(":")
+        if detail not in ("low", "high", "auto"):
+            raise SystemExit(f"--modes: {mode!r} is not DETAIL[:PRUNING]")
+        # one server process: the first mode's warm-up warms it for all of them
+        warmup = 0 if modes else args.warmup
+        modes[mode.strip()] = argparse.Namespace(
+            **{
+                **vars(args),
+                "detail": detail,
+                "pruning": int(pruning) if pruning else None,
+                "warmup": warmup,
+            }
+        )
+    return modes
+
+
 async def run_paired(args: argparse.Namespace) -> dict[str, Any]:
     """Rounds of the server and the raw pipeline, back to back on the same inputs.
 
@@ -540,45 +602,62 @@ async def run_paired(args: argparse.Namespace) -> dict[str, Any]:
     separate runs minutes apart differ by more than the overhead being measured.
     Here each round runs both sides within seconds of each other, in alternating
     order (server first in even rounds, raw first in odd ones), and the ratio is
-    taken per round; the median of those ratios is the result.
+    taken per round; the median of those ratios is the result. With `--modes`, each
+    round runs the server once per mode and the raw pipeline once (without pruning,
+    given the full-resolution image), and every mode gets its ratios to that run.
     """
     import httpx
 
-    server = ServerRunner(args)
-    raw = await asyncio.to_thread(RawRunner, args)
+    servers = {name: ServerRunner(mode) for name, mode in server_modes(args).items()}
+    raw_args = argparse.Namespace(**{**vars(args), "pruning": None}) if args.modes else args
+    raw = await asyncio.to_thread(RawRunner, raw_args)
     rounds: list[dict[str, Any]] = []
-    everything: dict[str, list[Sample]] = {"server": [], "raw": []}
-    walls = {"server": 0.0, "raw": 0.0}
+    everything: dict[str, list[Sample]] = {name: [] for name in [*servers, "raw"]}
+    walls = dict.fromkeys(everything, 0.0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout, connect=10)) as client:
-        await server.open(client)
+        for server in servers.values():
+            await server.open(client)
         for number in range(args.rounds):
             results: dict[str, dict[str, Any]] = {}
-            order = ("server", "raw") if number % 2 == 0 else ("raw", "server")
+            order = [*servers, "raw"] if number % 2 == 0 else ["raw", *servers]
             for side in order:
-                if side == "server":
-                    samples, wall = await server.run(args.requests)
-                else:
+                if side == "raw":
                     samples, wall = await asyncio.to_thread(raw.run, args.requests)
+                else:
+                    samples, wall = await servers[side].run(args.requests)
                 everything[side] += samples
                 walls[side] += wall
                 results[side] = summarize(samples, wall, side)
-            ratios = {key: _ratio(results["server"], results["raw"], key) for key, _ in PAIRED_KEYS}
-            rounds.append({"server": results["server"], "raw": results["raw"], "ratios": ratios})
-            print(
-                f"round {number + 1}/{args.rounds}: "
-                + "   ".join(
-                    f"{key} {results['server'][key]:.2f} / {results['raw'][key]:.2f} "
-                    f"= {ratios[key]:.3f}"
-                    for key, _ in PAIRED_KEYS
-                ),
-                flush=True,
-            )
-    result = summarize(everything["server"], walls["server"], server.label)
+            ratios = {
+                name: {key: _ratio(results[name], results["raw"], key) for key, _ in PAIRED_KEYS}
+                for name in servers
+            }
+            rounds.append({**results, "ratios": ratios})
+            for name in servers:
+                print(
+                    f"round {number + 1}/{args.rounds} {name}: "
+                    + "   ".join(
+                        f"{key} {results[name][key]:.2f} / {results['raw'][key]:.2f} "
+                        f"= {ratios[name][key]:.3f}"
+                        for key, _ in PAIRED_KEYS
+                    ),
+                    flush=True,
+                )
+    first = next(iter(servers))
+    result = summarize(everything[first], walls[first], servers[first].label)
     result["raw"] = summarize(everything["raw"], walls["raw"], raw.label)
+    result["modes"] = {name: summarize(everything[name], walls[name], name) for name in servers}
     result["rounds"] = rounds
     result["median_ratios"] = {
-        key: statistics.median(r["ratios"][key] for r in rounds) for key, _ in PAIRED_KEYS
+        name: {
+            key: statistics.median(r["ratios"][name][key] for r in rounds) for key, _ in PAIRED_KEYS
+        }
+        for name in servers
     }
+    if not args.modes:  # one server: the ratios as before
+        result["median_ratios"] = result["median_ratios"]["server"]
+        for r in rounds:
+            r["ratios"] = r["ratios"]["server"]
     return result
 
 
@@ -589,13 +668,20 @@ def _ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float:
 
 def print_paired(result: dict[str, Any]) -> None:
     print_summary(result["raw"])
-    print(f"== server / raw, median of {len(result['rounds'])} paired rounds")
-    for key, better in PAIRED_KEYS:
-        values = sorted(r["ratios"][key] for r in result["rounds"])
-        print(
-            f"{key:20s} {result['median_ratios'][key]:6.3f}  "
-            f"(rounds {values[0]:.3f} to {values[-1]:.3f}; {better} is better)"
-        )
+    several = "server" not in result["modes"]  # --modes: a summary and ratios per mode
+    for name, summary in result["modes"].items():
+        if several:
+            print_summary(summary)
+        medians = result["median_ratios"][name] if several else result["median_ratios"]
+        print(f"== {name} / raw, median of {len(result['rounds'])} paired rounds")
+        for key, better in PAIRED_KEYS:
+            values = sorted(
+                (r["ratios"][name] if several else r["ratios"])[key] for r in result["rounds"]
+            )
+            print(
+                f"{key:20s} {medians[key]:6.3f}  "
+                f"(rounds {values[0]:.3f} to {values[-1]:.3f}; {better} is better)"
+            )
 
 
 # --------------------------------------------------------------------------- cli
@@ -636,6 +722,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--image-size", type=int, default=112, help="square image side; 0: none")
     parser.add_argument("--images", type=int, default=1, help="distinct images cycled over")
+    parser.add_argument(
+        "--photo",
+        type=photo_size,
+        metavar="WxH",
+        help="photo-shaped JPEG inputs of this size (e.g. 1280x720, 1920x1080, 1080x1920) "
+        "instead of --image-size squares",
+    )
+    parser.add_argument(
+        "--detail", choices=["low", "high", "auto"], help="server mode: the images' detail"
+    )
+    parser.add_argument(
+        "--pruning",
+        type=int,
+        metavar="PERCENT",
+        help="pruning_ratio: percent of visual tokens to prune (server and raw VLMPipeline)",
+    )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--warmup", type=int, default=1, help="requests before measuring")
     parser.add_argument("--timeout", type=float, default=600.0)
@@ -647,6 +749,11 @@ def main(argv: list[str] | None = None) -> int:
         "and report the median of the per-round ratios",
     )
     parser.add_argument("--rounds", type=int, default=5, help="paired mode: rounds")
+    parser.add_argument(
+        "--modes",
+        help="paired mode: server modes run every round against one raw run, as "
+        "DETAIL[:PRUNING] separated by commas, e.g. low,auto,high,high:50",
+    )
     parser.add_argument("--save", type=Path, help="write the result as JSON")
     parser.add_argument("--baseline", type=Path, help="a saved result to compare against")
     args = parser.parse_args(argv)

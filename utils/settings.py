@@ -181,7 +181,38 @@ class Settings(BaseSettings):
         "(a conversation sends its images again every turn); 0 turns the cache off.",
     )
     image_max_pixels: int = Field(
-        1024 * 1024, ge=28 * 28, description="Images are downscaled to fit this many pixels."
+        1024 * 1024,
+        ge=28 * 28,
+        description="The server's cap on an image's pixels: images are downscaled to fit "
+        "it, whatever their `detail` or `max_pixels`. It is also `detail: high` (unless "
+        "the model's own largest input is smaller).",
+    )
+    image_detail_low_tokens: int = Field(
+        256,
+        ge=1,
+        description="Visual tokens of an image sent with `detail: low`, whatever its size "
+        "(turned into pixels per model family; fixed-cost families such as LLaVA-1.5 and "
+        "Gemma 3 are unaffected).",
+    )
+    image_detail_auto_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Visual tokens of an image sent with `detail: auto` or none (default: "
+        "576 on CPU, the same as `high` on other devices).",
+    )
+    max_visual_tokens: int = Field(
+        16384,
+        ge=1,
+        description="Visual tokens of all images and videos of one request at most; a "
+        "request over it gets a 400 that says what to lower.",
+    )
+    visual_token_pruning_ratio: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="Percent of visual tokens OpenVINO GenAI prunes (CDPruner) when a "
+        "request gives no `pruning_ratio`; 0 is off. Applies to Qwen-VL models with "
+        "VLM_ENGINE=vlm_pipeline only, and is ignored (with a log line) elsewhere.",
     )
     video_max_pixels: int = Field(
         360 * 420, ge=28 * 28, description="Video frames are downscaled to fit this many pixels."

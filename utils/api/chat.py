@@ -24,7 +24,7 @@ from utils.api.disconnect import unless_disconnected
 from utils.api.metrics import track_generation
 from utils.api.models import resolve_model
 from utils.api.protocol import ChatCompletion, ChatCompletionRequest
-from utils.api.requests import build_generation_request, to_sampling_params
+from utils.api.requests import build_generation_request, to_sampling_params, with_pruning
 from utils.api.responses import (
     SSE_HEADERS,
     ResponseMeta,
@@ -101,6 +101,7 @@ async def create_chat_completion(request: Request, state: State) -> Response:
     model = resolve_model(req.model, settings, state.engine)
     params = to_sampling_params(req, settings)
     engine = _ready_engine(state)
+    params = with_pruning(params, req, engine, settings)
     assert state.fetcher is not None  # made by the lifespan, before any request
     fetcher = state.fetcher
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"

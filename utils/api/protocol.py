@@ -90,12 +90,23 @@ def _url_object(value: Any) -> Any:
     return {"url": value} if isinstance(value, str) else value
 
 
-class ImageURL(_Model):
+class _PixelBudget(_Model):
+    max_pixels: int | None = None
+
+    @field_validator("max_pixels", mode="before")
+    @classmethod
+    def _max_pixels(cls, value: Any) -> int | None:
+        return parse_max_pixels(value)
+
+
+class ImageURL(_PixelBudget):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
 
 
-class ImageURLPart(_Model):
+class ImageURLPart(_PixelBudget):
+    """An image by URL; `max_pixels` (an extension) may sit here or in `image_url`."""
+
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -104,15 +115,13 @@ class ImageURLPart(_Model):
     def _bare_url(cls, value: Any) -> Any:
         return _url_object(value)
 
+    @property
+    def effective_max_pixels(self) -> int | None:
+        return self.image_url.max_pixels or self.max_pixels
 
-class _VideoOptions(_Model):
-    max_pixels: int | None = None
+
+class _VideoOptions(_PixelBudget):
     fps: float | None = Field(None, gt=0, le=240)
-
-    @field_validator("max_pixels", mode="before")
-    @classmethod
-    def _max_pixels(cls, value: Any) -> int | None:
-        return parse_max_pixels(value)
 
 
 class VideoURL(_VideoOptions):
@@ -230,6 +239,8 @@ class ChatCompletionRequest(_Model):
     # Extensions (vLLM's names) for fixed-length outputs in tests and benchmarks.
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
+    # Extension: percent of visual tokens to prune (utils/media/budget.py).
+    pruning_ratio: int | None = Field(None, ge=0, le=99)
 
     tools: list[ToolDefinition] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None

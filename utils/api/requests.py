@@ -6,6 +6,7 @@ The request has passed utils/api/validation.py by the time it gets here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Coroutine
 from typing import Any
 
@@ -14,7 +15,9 @@ import numpy as np
 from utils.api.protocol import ChatCompletionRequest, ChatMessage, TextPart, is_media
 from utils.api.tools import history_tool_calls, tool_plan
 from utils.engine.tags import image_tag, video_tag
-from utils.engine.types import GenerationRequest, ModelInfo, SamplingParams
+from utils.engine.types import Engine, GenerationRequest, ModelInfo, SamplingParams
+from utils.engine.visual_tokens import VisualTokenCounter
+from utils.media.budget import ImageBudgets, check_visual_tokens, pruning_ratio, visual_tokens
 from utils.media.cache import DecodedImageCache
 from utils.media.loader import DecodedPart, MediaLoader, gather_or_cancel
 from utils.settings import Settings
@@ -45,6 +48,16 @@ def to_sampling_params(req: ChatCompletionRequest, settings: Settings) -> Sampli
     )
 
 
+def with_pruning(
+    params: SamplingParams, req: ChatCompletionRequest, engine: Engine, settings: Settings
+) -> SamplingParams:
+    """`params` with the pruning ratio the request runs with; a 400 naming
+    `pruning_ratio` where the model or engine cannot prune."""
+    backend = str(getattr(engine, "backend", ""))
+    ratio = pruning_ratio(req.pruning_ratio, engine.info.model_type, backend, settings)
+    return dataclasses.replace(params, pruning_ratio=ratio)
+
+
 async def build_generation_request(
     req: ChatCompletionRequest,
     params: SamplingParams,
@@ -57,7 +70,8 @@ async def build_generation_request(
 ) -> GenerationRequest:
     """The whole conversation with `<ov_genai_image_N>`/`<ov_genai_video_N>` tags
     where its media were, and the decoded media in the same order."""
-    loader = MediaLoader(settings, fetcher, image_cache)
+    budgets = ImageBudgets.for_model(info.model, settings)
+    loader = MediaLoader(settings, fetcher, image_cache, budgets)
     jobs: list[Coroutine[Any, Any, DecodedPart]] = []
     for i, message in enumerate(req.messages):
         if isinstance(message.content, list):
@@ -98,6 +112,9 @@ async def build_generation_request(
                     pieces.append(image_tag(len(images)))
                     images.append(np.ascontiguousarray(frame))
         messages.append(_turn(message, role, "".join(pieces)))
+    if info.model is not None and (images or videos):
+        counter = VisualTokenCounter.for_model(info.model)
+        check_visual_tokens(visual_tokens(counter, images, videos, video_fps), settings)
     plan = tool_plan(req)
     return GenerationRequest(
         request_id=request_id,

@@ -19,6 +19,7 @@ def model_info(settings: Settings, model_dir: Path, model: ModelConfig) -> Model
         path=str(model_dir),
         supports_video=model.supports_video,
         max_context=model.max_context,
+        model=model,
     )
 
 

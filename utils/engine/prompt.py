@@ -120,6 +120,8 @@ class Preparer:
         used = prompt_tokens or upper
         max_new = max(1, min(params.max_new_tokens, self.max_context - used))
         config, replicate = self._generation_config(params, max_new)
+        if params.pruning_ratio:  # the count above is of the tokens before pruning
+            prompt_tokens = 0
         return Prepared(
             prompt=prompt,
             images=[self.ov.Tensor(np.ascontiguousarray(img, dtype=np.uint8)) for img in images],
@@ -222,6 +224,8 @@ class Preparer:
         cfg.num_beams = 1
         if params.logprobs:
             cfg.logprobs = 1  # the chosen token's; GenAI computes no alternatives
+        if params.pruning_ratio:
+            cfg.pruning_ratio = params.pruning_ratio
         replicate = 1
         greedy = params.temperature <= 1e-5
         if greedy:

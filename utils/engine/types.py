@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from utils.engine.model_config import ModelConfig
+
 FinishReason = Literal["stop", "length"]
 
 # One generated token's log probability: (text, log probability, bytes)
@@ -34,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     json_schema: str | None = None  # structured output, a JSON schema as text
     logprobs: bool = False  # report each generated token's log probability
+    pruning_ratio: int = 0  # percent of visual tokens the engine prunes
 
 
 @dataclass(slots=True)
@@ -70,6 +73,8 @@ class ModelInfo:
     path: str
     supports_video: bool
     max_context: int  # tokens
+    # config.json and the preprocessor configs, for the vision budgets
+    model: ModelConfig | None = field(default=None, compare=False, repr=False)
 
 
 class Engine(Protocol):

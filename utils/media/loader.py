@@ -16,6 +16,7 @@ import numpy as np
 
 from utils.api.protocol import ImageURLPart, MediaPart, VideoPart, VideoURLPart
 from utils.errors import OpenAIError, bad_request
+from utils.media.budget import ImageBudgets
 from utils.media.cache import DecodedImageCache
 from utils.media.decode import MediaDecodeError, load_image, load_video, stack_frames
 from utils.media.fetch import MediaFetcher, MediaKind
@@ -59,9 +60,14 @@ class MediaLoader:
     """Fetches and decodes the media parts of one request."""
 
     def __init__(
-        self, settings: Settings, fetcher: MediaFetcher, image_cache: DecodedImageCache | None
+        self,
+        settings: Settings,
+        fetcher: MediaFetcher,
+        image_cache: DecodedImageCache | None,
+        budgets: ImageBudgets | None = None,
     ) -> None:
         self.settings = settings
+        self.budgets = budgets or ImageBudgets.for_model(None, settings)
         self.fetcher = fetcher
         self.image_cache = image_cache
         self.budget = fetcher.new_budget()  # the byte cap of the request's media
@@ -129,7 +135,8 @@ class MediaLoader:
 
     async def part(self, part: MediaPart, where: str) -> DecodedPart:
         if isinstance(part, ImageURLPart):
-            return DecodedPart(image=await self.image(part.image_url.url, where))
+            budget = self.budgets.pixels(part.image_url.detail, part.effective_max_pixels)
+            return DecodedPart(image=await self.image(part.image_url.url, where, max_pixels=budget))
         if isinstance(part, VideoURLPart):
             fps = part.effective_fps or self.settings.video_fps
             video = await self.video_file(
