@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from utils.api.choice_output import (
@@ -61,6 +61,21 @@ async def aclose(iterator: AsyncIterator[Any]) -> None:
             await close()
 
 
+async def _read_all(
+    events: AsyncIterator[GenerationEvent],
+    first: GenerationEvent | None,
+    take: Callable[[GenerationEvent], None],
+) -> None:
+    """Hands every event of a generation to `take`, then closes the stream."""
+    try:
+        if first is not None:
+            take(first)
+            async for event in events:
+                take(event)
+    finally:
+        await aclose(events)
+
+
 async def complete(
     events: AsyncIterator[GenerationEvent],
     first: GenerationEvent | None,
@@ -80,13 +95,7 @@ async def complete(
             if event.finish_reason:
                 finish[event.index] = event.finish_reason
 
-    try:
-        if first is not None:
-            take(first)
-            async for event in events:
-                take(event)
-    finally:
-        await aclose(events)
+    await _read_all(events, first, take)
     return ChatCompletion(
         id=meta.completion_id,
         created=meta.created,
@@ -127,13 +136,7 @@ async def _complete_shaped(
                 parts[k].add(readers[k].finish())
                 finish[k] = event.finish_reason
 
-    try:
-        if first is not None:
-            take(first)
-            async for event in events:
-                take(event)
-    finally:
-        await aclose(events)
+    await _read_all(events, first, take)
     choices = []
     for k, (reader, part) in enumerate(zip(readers, parts, strict=True)):
         if finish[k] is None:

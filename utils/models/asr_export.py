@@ -22,15 +22,15 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.models.export import _phase, _versions
+from utils.models.export import NameRules, _phase, _versions, check_name
 from utils.models.hub import (
     NO_EXPORT_TOOLS,
     ModelExportError,
     cached_snapshot,
     download_model,
 )
-from utils.models.manifest import check_export, file_lock, write_manifest
-from utils.models.naming import EMBEDDED_PREFIX, looks_like_path, model_key
+from utils.models.manifest import check_export, file_lock, publish
+from utils.models.naming import EMBEDDED_PREFIX, model_key
 from utils.models.scratch import temp_files_in
 from utils.models.support import read_config
 from utils.models.tiny_whisper import EMBEDDED_ASR_MODELS, build_tiny_whisper, builder_hash
@@ -89,26 +89,17 @@ def check_asr_config(directory: Path, name: str, *, trust_remote_code: bool) -> 
 
 
 def check_asr_name(name: str, *, trust_remote_code: bool = False) -> None:
-    if name.startswith(EMBEDDED_PREFIX):
-        if name not in EMBEDDED_ASR_MODELS:
-            raise ModelExportError(
-                f"Unknown embedded speech model '{name}'; choose one of "
-                f"{', '.join(sorted(EMBEDDED_ASR_MODELS))}."
-            )
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelExportError(
-                f"Model directory '{name}' has no config.json: point VLM_ASR_MODEL at a "
-                "Hugging Face Whisper model directory."
-            )
-        check_asr_config(path, name, trust_remote_code=trust_remote_code)
-    elif looks_like_path(name):
-        raise ModelExportError(
-            f"Model directory '{name}' does not exist. Set VLM_ASR_MODEL to an existing local "
-            "directory or a Hugging Face Whisper model id."
-        )
+    check_name(
+        name,
+        NameRules(
+            "VLM_ASR_MODEL",
+            "speech model",
+            "Hugging Face Whisper model",
+            EMBEDDED_ASR_MODELS,
+            check_asr_config,
+        ),
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def asr_preflight(settings: Settings) -> None:
@@ -204,10 +195,7 @@ def export_asr_model(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "versions": _versions(),
         }
-        write_manifest(tmp, info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        publish(tmp, out_dir, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

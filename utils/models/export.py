@@ -31,9 +31,9 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from utils.settings import Settings
@@ -50,7 +50,7 @@ from utils.models.manifest import (
     check_export,
     file_lock,
     prebuilt_ir,
-    write_manifest,
+    publish,
 )
 from utils.models.naming import (
     EMBEDDED_MODELS,
@@ -216,10 +216,7 @@ def export_model(
                 "versions": _versions(),
                 **(extra_manifest or {}),
             }
-            write_manifest(tmp, info)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            tmp.rename(out_dir)
+            publish(tmp, out_dir, info)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -276,25 +273,47 @@ def resolve_source(model_name: str, cache_dir: Path, *, token: str | None = None
 def check_model_name(model_name: str, *, trust_remote_code: bool = False) -> None:
     """Fail early on a name that can be neither a local model directory nor a Hub id,
     and on a local directory whose model the server cannot run (utils.models.support)."""
-    if model_name.startswith(EMBEDDED_PREFIX):
-        if model_name not in EMBEDDED_MODELS:
+    check_name(
+        model_name,
+        NameRules(
+            "VLM_MODEL_NAME", "model", "Hugging Face model", EMBEDDED_MODELS, check_model_dir
+        ),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+class NameRules(NamedTuple):
+    """What a model setting may name, for check_name."""
+
+    setting: str  # e.g. VLM_MODEL_NAME
+    kind: str  # "model", "speech model"
+    hub_kind: str  # "Hugging Face model", "Hugging Face Whisper model"
+    embedded: Collection[str]
+    check_dir: Callable[..., None]  # (directory, name, *, trust_remote_code)
+
+
+def check_name(name: str, rules: NameRules, *, trust_remote_code: bool = False) -> None:
+    """Raises ModelExportError for an unknown embedded name, a local directory that does
+    not exist or has no config.json, or one whose model `rules.check_dir` refuses."""
+    if name.startswith(EMBEDDED_PREFIX):
+        if name not in rules.embedded:
             raise ModelExportError(
-                f"Unknown embedded model '{model_name}'; choose one of "
-                f"{', '.join(sorted(EMBEDDED_MODELS))}."
+                f"Unknown embedded {rules.kind} '{name}'; choose one of "
+                f"{', '.join(sorted(rules.embedded))}."
             )
         return
-    path = Path(model_name).expanduser()
+    path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelExportError(
-                f"Model directory '{model_name}' has no config.json: point VLM_MODEL_NAME at a "
-                "Hugging Face model directory."
+                f"Model directory '{name}' has no config.json: point {rules.setting} at a "
+                f"{rules.hub_kind} directory."
             )
-        check_model_dir(path, model_name, trust_remote_code=trust_remote_code)
-    elif looks_like_path(model_name):
+        rules.check_dir(path, name, trust_remote_code=trust_remote_code)
+    elif looks_like_path(name):
         raise ModelExportError(
-            f"Model directory '{model_name}' does not exist. Set VLM_MODEL_NAME to an existing "
-            "local directory or a Hugging Face model id."
+            f"Model directory '{name}' does not exist. Set {rules.setting} to an existing "
+            f"local directory or a {rules.hub_kind} id."
         )
 
 

@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,15 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
     with tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     tmp.rename(directory / MANIFEST_NAME)
+
+
+def publish(tmp: Path, out_dir: Path, info: dict[str, Any]) -> None:
+    """Writes the manifest into the finished export `tmp`, then moves it to `out_dir`
+    (replacing an incomplete one), so `out_dir` is either whole or absent."""
+    write_manifest(tmp, info)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
 
 
 def check_export(directory: Path, required: tuple[str, ...] = REQUIRED_FILES) -> str | None:
