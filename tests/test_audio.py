@@ -5,10 +5,12 @@ engine process, beside the tiny Qwen2-VL."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -232,6 +234,17 @@ def test_over_the_limits_is_a_413(live_server: LiveServers) -> None:
     assert post(base_url, wav(tone(2.0))).status_code == 200  # the server goes on
 
 
+def _serves_again_after_a_restart(base_url: str, asr: Any, dead_pid: int) -> None:
+    waited = threading.Event()
+    for _ in range(1500):
+        if asr.ready:
+            break
+        waited.wait(0.2)
+    assert asr.pid != dead_pid
+    assert post(base_url, TONE).status_code == 200
+    assert asr.stats()["restarts"] == 1
+
+
 def test_a_dead_speech_engine_fails_its_requests_and_restarts(live_server: LiveServers) -> None:
     base_url = asr_server(live_server, engine_max_restarts=3)
     asr = app_state(live_server.app(base_url)).asr
@@ -249,14 +262,34 @@ def test_a_dead_speech_engine_fails_its_requests_and_restarts(live_server: LiveS
     worker.join(60)
     assert results and results[0].status_code == 500
     assert error_of(results[0])["code"] == "engine_failure"
-    waited = threading.Event()
-    for _ in range(1500):
-        if asr.ready:
-            break
-        waited.wait(0.2)
-    assert asr.pid != pid
-    assert post(base_url, TONE).status_code == 200
-    assert asr.stats()["restarts"] == 1
+    _serves_again_after_a_restart(base_url, asr, pid)
+
+
+def test_a_hung_speech_engine_is_found_stalled_and_restarted(live_server: LiveServers) -> None:
+    """SIGSTOP the speech engine under a transcription: the watchdog answers it with a
+    503 `engine_stalled` within the stall timeout plus a few seconds, kills the process
+    and starts a new one, which serves."""
+    base_url = asr_server(live_server, engine_stall_timeout_s=3.0)
+    asr = app_state(live_server.app(base_url)).asr
+    assert asr is not None and asr.pid is not None
+    pid = asr.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        response = post(base_url, TONE)
+        elapsed = time.monotonic() - started
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert response.status_code == 503, response.text
+    assert error_of(response)["code"] == "engine_stalled"
+    assert response.headers["retry-after"] == "5"
+    assert elapsed < 3.0 + 10, elapsed
+    assert asr.stats()["stalls"] == 1
+    _serves_again_after_a_restart(base_url, asr, pid)
+    assert re.search(
+        r"^vlm_asr_engine_stalls_total 1\.0$", httpx.get(f"{base_url}/metrics").text, re.M
+    )
 
 
 # --- audio in chat -------------------------------------------------------------------

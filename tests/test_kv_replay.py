@@ -43,12 +43,10 @@ def test_replay_that_differs_or_ends_sooner_fails() -> None:
 async def test_engine_503_has_retry_after(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl"}')
     client = EngineClient(Settings(model_name="fake"), tmp_path)
-    session = object()
-    client._session = session  # type: ignore[assignment]
     pending = _Request(1, 1)
     client._requests[1] = pending
     failure = RequestFailure(1, 503, "The KV cache filled up.", "kv_cache_full")
-    client.on_step(session, StepOutputs([], [failure], EngineStats(0, 0, 0, 0, 0)))  # type: ignore[arg-type]
+    client.on_outputs(StepOutputs([], [failure], EngineStats(0, 0, 0, 0, 0)))
     error = await asyncio.wait_for(pending.queue.get(), 1)
     assert isinstance(error, OpenAIError) and error.status == 503
     assert error.code == "kv_cache_full" and error.headers == {"Retry-After": "1"}

@@ -23,6 +23,7 @@ _COUNTERS = (
         "Seconds the speech engine spent in WhisperPipeline.",
     ),
     ("restarts", "vlm_asr_engine_restarts", "Times the speech engine process was restarted."),
+    ("stalls", "vlm_asr_engine_stalls", "Times the speech engine was found stalled and killed."),
 )
 
 

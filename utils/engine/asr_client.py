@@ -5,17 +5,19 @@ engine (utils/engine/session.py): audio is written by the session's writer threa
 it is large, and the event loop reads transcripts without ever waiting. Transcriptions
 run one at a time in the order they came; at most VLM_MAX_QUEUE wait or run.
 
-If the worker dies, the transcriptions in flight get a 500 at once and it restarts
-(with backoff, at most VLM_ENGINE_MAX_RESTARTS times in a row with nothing served).
+Its process is supervised as the chat engine's is (utils/engine/supervisor.py): if it
+dies, the transcriptions in flight get a 500 at once and it restarts with backoff; if
+it stalls (a transcription pending, no reply and no CPU time for
+VLM_ENGINE_STALL_TIMEOUT_S), they get a 503 `engine_stalled` and it is killed and
+restarted; after VLM_ENGINE_MAX_RESTARTS restarts in a row with nothing served, it
+stops trying.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import multiprocessing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,16 +34,11 @@ from utils.engine.asr_messages import (
     TranscribeFailure,
     Transcript,
 )
-from utils.engine.messages import StopEngine
-from utils.engine.session import Session
+from utils.engine.supervisor import EngineSupervisor
 from utils.errors import OpenAIError
 from utils.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-READY_TIMEOUT_S = 900.0
-STOP_TIMEOUT_S = 10.0
-MAX_RESTART_DELAY_S = 30.0
 
 
 class AsrClient:
@@ -55,86 +52,58 @@ class AsrClient:
         target: Callable[[Any, AsrWorkerConfig], None] = asr_worker.main,
     ) -> None:
         self._settings = settings
-        self._target = target
         self.name = settings.asr_model or ""
         self.path = str(model_dir)
-        self._config = AsrWorkerConfig(
+        config = AsrWorkerConfig(
             model_dir=str(model_dir),
             device=settings.device,
             ov_config=engine_properties(settings),
             log_level=settings.log_level,
         )
-        self._ctx = multiprocessing.get_context("spawn")
-        self._session: Session | None = None
+        self._engine: EngineSupervisor[AsrOutput] = EngineSupervisor(
+            settings, self, target, config, process_name="vlm-asr", label="speech engine"
+        )
         self._pending: dict[int, asyncio.Future[Transcript]] = {}
         self._ids = itertools.count(1)
-        self._ready = False
-        self._stopping = False
-        self._restart_task: asyncio.Task[None] | None = None
-        self._strikes = 0
         self._counts = {
             "transcriptions": 0.0,
             "failures": 0.0,
             "audio_seconds": 0.0,
             "pipeline_seconds": 0.0,
-            "restarts": 0.0,
         }
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._engine.ready
+
+    @property
+    def failed(self) -> bool:
+        return self._engine.failed
 
     @property
     def pid(self) -> int | None:
-        session = self._session
-        return session.process.pid if session is not None else None
+        return self._engine.pid
 
     def stats(self) -> dict[str, float]:
-        return {**self._counts, "in_flight": float(len(self._pending)), "ready": self._ready}
+        return {
+            **self._counts,
+            "restarts": float(self._engine.restarts),
+            "stalls": float(self._engine.stalls),
+            "in_flight": float(len(self._pending)),
+            "ready": self._engine.ready,
+        }
 
     async def start(self) -> None:
-        self._stopping = False
-        await self._spawn()
+        await self._engine.start()
 
     async def stop(self) -> None:
-        self._stopping = True
-        self._ready = False
-        if self._restart_task is not None:
-            self._restart_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._restart_task
-        session, self._session = self._session, None
-        self._fail_all(OpenAIError(503, "The server is shutting down.", code="shutting_down"))
-        if session is not None:
-            session.send(StopEngine())
-            await asyncio.to_thread(session.reap, STOP_TIMEOUT_S)
-            session.close()
+        await self._engine.stop()
 
-    async def _spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=self._target, args=(child, self._config), name="vlm-asr", daemon=True
-        )
-        await asyncio.to_thread(process.start)
-        child.close()
-        session = Session(self, asyncio.get_running_loop(), process, parent)
-        self._session = session
-        session.start()
-        try:
-            await asyncio.wait_for(session.ready, READY_TIMEOUT_S)
-        except BaseException:
-            if self._session is session:
-                self._session = None
-            session.close()
-            await asyncio.to_thread(session.reap, STOP_TIMEOUT_S)
-            raise
-        self._ready = True
-        logger.info("speech engine ready (pid %s)", process.pid)
+    # ------------------------------------------------------------- engine events
+    def busy(self) -> bool:
+        return bool(self._pending)
 
-    # ---------------------------------------------------------------- pipe events
-    def on_step(self, session: Session, outputs: AsrOutput) -> None:
-        if session is not self._session:
-            return
+    def on_outputs(self, outputs: AsrOutput) -> None:
         future = self._pending.pop(outputs.rid, None)
         if future is None or future.done():
             return  # its client went away or timed out
@@ -147,52 +116,10 @@ class AsrClient:
         self._counts["transcriptions"] += 1
         self._counts["audio_seconds"] += outputs.duration_s
         self._counts["pipeline_seconds"] += outputs.seconds
-        self._strikes = 0
+        self._engine.served()
         future.set_result(outputs)
 
-    def on_exit(self, session: Session, reason: str) -> None:
-        if not session.alive and self._session is not session:
-            return
-        session.resolve(None, reason)
-        session.close()
-        if self._session is not session:
-            return
-        self._session = None
-        self._ready = False
-        if self._stopping:
-            return
-        logger.error("speech engine process stopped (%s); restarting", reason)
-        self._fail_all(
-            OpenAIError(
-                500,
-                "The speech engine stopped while processing this request; please retry.",
-                code="engine_failure",
-            )
-        )
-        if self._restart_task is None:
-            self._restart_task = asyncio.create_task(self._restart(session))
-
-    async def _restart(self, dead: Session) -> None:
-        await asyncio.to_thread(dead.reap, STOP_TIMEOUT_S)
-        try:
-            while not self._stopping and self._strikes < self._settings.engine_max_restarts:
-                if self._strikes:
-                    await asyncio.sleep(min(2.0 ** (self._strikes - 1), MAX_RESTART_DELAY_S))
-                self._strikes += 1
-                try:
-                    await self._spawn()
-                    self._counts["restarts"] += 1
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    logger.error("speech engine restart %d failed: %s", self._strikes, exc)
-            if not self._stopping:
-                logger.error("the speech engine failed every restart; giving up")
-        finally:
-            self._restart_task = None
-
-    def _fail_all(self, error: OpenAIError) -> None:
+    def fail_all(self, error: OpenAIError) -> None:
         pending = list(self._pending.values())
         self._pending.clear()
         for future in pending:
@@ -210,8 +137,14 @@ class AsrClient:
         temperature: float = 0.0,
         timestamps: bool = False,
     ) -> Transcript:
-        session = self._session
-        if not self._ready or session is None:
+        session = self._engine.session
+        if self._engine.failed:
+            raise OpenAIError(
+                503,
+                "The speech model failed every restart; see the server log.",
+                code="model_failed",
+            )
+        if not self._engine.ready or session is None:
             raise OpenAIError(
                 503,
                 "The speech model is loading; please retry shortly.",
