@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from utils.models import tiny_common
 from utils.models.tiny import ModelKind, ModelSize
 
 if TYPE_CHECKING:
@@ -101,11 +102,7 @@ class CompressionSpec:
 
 def source_hash() -> str:
     """Hash of the code that builds embedded models; a change gives new export keys."""
-    digest = hashlib.sha256()
-    here = Path(__file__).resolve().parent
-    for name in _SOURCE_FILES:
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:12]
+    return tiny_common.source_hash(_SOURCE_FILES)
 
 
 def _slug(text: str) -> str:

@@ -23,13 +23,12 @@ stays cheap.
 from __future__ import annotations
 
 import logging
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from utils.models.tiny_common import (
+    build_atomically,
     init_model,
     qwen_tokenizer,
     train_bpe,
@@ -289,23 +288,4 @@ def build_tiny_model(kind: ModelKind, out_dir: Path, *, size: ModelSize = "tiny"
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {', '.join(KINDS)}")
     if size != "tiny" and kind != "qwen2-vl":
         raise ValueError(f"only size='tiny' exists for {kind}")
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        builders[kind](tmp, size)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info(
-        "built random-weight %s (%s) in %s in %.1f s",
-        kind,
-        size,
-        out_dir,
-        time.perf_counter() - started,
-    )
-    return out_dir
+    return build_atomically(out_dir, lambda tmp: builders[kind](tmp, size), f"{kind} ({size})")

@@ -1,15 +1,23 @@
 """Shared pieces of the embedded model builders: a byte-level BPE tokenizer trained on
-a built-in text, and seeded, deterministic weights.
+a built-in text, seeded, deterministic weights, the build into a directory that is
+whole or absent, and the hash of the builders' code (their cache key follows it).
 
 torch and tokenizers are imported inside functions: importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 SEED = 1234
 VOCAB_SIZE = 1000
@@ -190,3 +198,33 @@ def save_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def source_hash(names: tuple[str, ...]) -> str:
+    """Hash of the modules `names` of this package: a change gives new cache keys."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    for name in names:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build_atomically(out_dir: Path, build: Callable[[Path], None], what: str) -> Path:
+    """Runs `build` into a temporary sibling of `out_dir`, then moves it in place (an
+    existing `out_dir` is replaced), so `out_dir` is either whole or absent."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(
+        "built random-weight %s in %s in %.1f s", what, out_dir, time.perf_counter() - started
+    )
+    return out_dir

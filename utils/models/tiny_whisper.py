@@ -20,16 +20,13 @@ inside functions.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-from utils.models.tiny_common import init_model, train_bpe
+from utils.models.tiny_common import build_atomically, init_model, source_hash, train_bpe
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +71,7 @@ SMALL_VOCAB_SIZE = 51865
 
 def builder_hash() -> str:
     """Hash of this builder: the export cache key of the embedded Whisper models follows it."""
-    here = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in ("tiny_whisper.py", "tiny_common.py", "asr_export.py"):
-        digest.update((here / name).read_bytes())
-    return digest.hexdigest()[:12]
+    return source_hash(("tiny_whisper.py", "tiny_common.py", "asr_export.py"))
 
 
 def special_tokens() -> list[str]:
@@ -189,22 +182,4 @@ def build_tiny_whisper(out_dir: Path, *, size: WhisperSize = "tiny") -> Path:
 
     An existing `out_dir` is replaced. Returns `out_dir`.
     """
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _build(tmp, size)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info(
-        "built random-weight Whisper (%s) in %s in %.1f s",
-        size,
-        out_dir,
-        time.perf_counter() - started,
-    )
-    return out_dir
+    return build_atomically(out_dir, lambda tmp: _build(tmp, size), f"Whisper ({size})")
