@@ -568,6 +568,7 @@ def run_raw(args: argparse.Namespace) -> dict[str, Any]:
 PAIRED_KEYS = (
     ("aggregate_tok_s", "higher"),
     ("request_tok_s_mean", "higher"),
+    ("decode_tok_s_mean", "higher"),
     ("ttft_ms_p50", "lower"),
 )
 

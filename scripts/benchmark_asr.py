@@ -6,7 +6,10 @@ Paired rounds alternate one transcription through the server (`POST
 with one through `openvino_genai.WhisperPipeline` in this process on the same samples,
 and report the real-time factor of each (seconds of audio per second of wall time,
 higher is faster), and the median and range of the per-round ratios server / raw. A
-drifting, shared machine moves a paired ratio far less than two separate runs.
+drifting, shared machine moves a paired ratio far less than two separate runs. The
+server's own share is split out: the speech engine's pipeline seconds for each
+request (from `/metrics`) against the raw run, and the rest of the wall time (upload,
+decoding, the pipe) as overhead.
 
 While the server transcribes, a thread probes `/health` every 20 ms (`--health`) and
 its latencies are reported; with `--chat` each round also streams a chat completion
@@ -97,6 +100,16 @@ def server_round(url: str, model: str, wav: bytes, health: list[float] | None) -
     return elapsed, str(response.json()["text"])
 
 
+def engine_seconds(url: str) -> float:
+    """The speech engine's pipeline seconds so far (`vlm_asr_pipeline_seconds_total`)."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("vlm_asr_pipeline_seconds_total "):
+            return float(line.split()[1])
+    raise SystemExit(f"{url}/metrics has no vlm_asr_pipeline_seconds_total: no speech model?")
+
+
 def chat_tokens_per_s(url: str, tokens: int) -> float:
     """Output tokens/s of one streamed chat completion with a fixed length."""
     import httpx
@@ -165,6 +178,8 @@ def main() -> None:
     server_rtf: list[float] = []
     raw_rtf: list[float] = []
     ratios: list[float] = []
+    engine_ratios: list[float] = []
+    overheads: list[float] = []
     chat_ratios: list[float] = []
     health: list[float] = []
     for i in range(args.rounds):
@@ -173,9 +188,11 @@ def main() -> None:
         times: dict[str, float] = {}
         for side in order:
             if side == "server":
+                before = engine_seconds(args.url)
                 times[side], text = server_round(
                     args.url, args.model, wav, health if args.health else None
                 )
+                engine = engine_seconds(args.url) - before
             else:
                 started = time.perf_counter()
                 # the options the server's speech engine passes for a plain transcription
@@ -184,10 +201,13 @@ def main() -> None:
         server_rtf.append(args.seconds / times["server"])
         raw_rtf.append(args.seconds / times["raw"])
         ratios.append(server_rtf[-1] / raw_rtf[-1])
+        engine_ratios.append(times["raw"] / engine)
+        overheads.append(times["server"] - engine)
         same = "same text" if text == raw_text.strip() else "TEXT DIFFERS"
         line = (
             f"round {i + 1}: server {times['server']:.2f} s (RTF {server_rtf[-1]:.2f}), "
-            f"raw {times['raw']:.2f} s (RTF {raw_rtf[-1]:.2f}), ratio {ratios[-1]:.3f}, {same}"
+            f"raw {times['raw']:.2f} s (RTF {raw_rtf[-1]:.2f}), ratio {ratios[-1]:.3f}; "
+            f"engine {engine:.2f} s, overhead {overheads[-1] * 1000:.0f} ms; {same}"
         )
         if args.chat:
             alone = chat_tokens_per_s(args.url, args.chat_tokens)
@@ -200,11 +220,15 @@ def main() -> None:
     print(f"server RTF  {summary(server_rtf)}")
     print(f"raw RTF     {summary(raw_rtf)}")
     print(f"ratio server/raw  {summary(ratios)}")
+    print(f"ratio engine/raw  {summary(engine_ratios)}  (the pipeline in the engine process)")
+    print(f"server overhead   {summary([o * 1000 for o in overheads])} ms (upload, decoding, pipe)")
     results: dict[str, Any] = {
         "seconds": args.seconds,
         "server_rtf": server_rtf,
         "raw_rtf": raw_rtf,
         "ratios": ratios,
+        "engine_ratios": engine_ratios,
+        "overhead_s": overheads,
     }
     if health:
         ms = [h * 1000 for h in health]

@@ -355,11 +355,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory field of /proc/<pid>/status in MB: VmRSS, or RssAnon (the heap and
+    other private memory, without mapped files such as the model and libraries)."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -456,6 +458,7 @@ class Sample:
     t: float
     server_rss: float
     engine_rss: float
+    engine_anon: float
     server_fds: int
     engine_fds: int
     engine_pid: int | None
@@ -469,6 +472,7 @@ async def sample(client: httpx.AsyncClient, pid: int, started: float) -> Sample:
         time.monotonic() - started,
         _rss_mb(pid),
         _rss_mb(engine_pid) if engine_pid else 0.0,
+        _rss_mb(engine_pid, "RssAnon") if engine_pid else 0.0,
         _fds(pid),
         _fds(engine_pid) if engine_pid else 0,
         engine_pid,
@@ -526,6 +530,7 @@ def report_timed(samples: list[Sample], warm_up: float) -> dict[str, tuple[float
     for name, unit, get in (
         ("server RSS", "MB", lambda s: s.server_rss),
         ("engine RSS", "MB", lambda s: s.engine_rss),
+        ("engine anon", "MB", lambda s: s.engine_anon),
         ("server fds", "", lambda s: float(s.server_fds)),
         ("engine fds", "", lambda s: float(s.engine_fds)),
     ):
