@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import pytest
@@ -104,3 +105,16 @@ def test_trimming_returns_freed_memory_to_the_system() -> None:
 def test_the_arena_cap_is_accepted_by_the_c_library() -> None:
     """mallopt answers 1 when it takes the setting and 0 when it refuses it."""
     assert heap.limit_arenas() is True
+
+
+def test_the_kernel_cache_bound_leaves_a_value_the_user_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    heap.bound_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(
+        heap.ONEDNN_PRIMITIVE_CACHE_CAPACITY
+    )
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "1024")
+    heap.bound_kernel_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "1024"

@@ -28,7 +28,7 @@ from utils.engine.asr_messages import (
     TranscribeFailure,
     Transcript,
 )
-from utils.engine.heap import HeapTrimmer, limit_arenas
+from utils.engine.heap import HeapTrimmer, bound_kernel_cache, limit_arenas
 from utils.engine.messages import EngineFatal, EngineReady, StopEngine
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ def serve(conn: Connection, engine: WhisperEngine) -> None:
 def main(conn: Connection, cfg: AsrWorkerConfig) -> None:
     """Process entry point (multiprocessing target)."""
     limit_arenas()  # before OpenVINO starts its threads
+    bound_kernel_cache()
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s [asr] %(name)s: %(message)s",

@@ -1,5 +1,6 @@
-"""Keeps the engine's heap from creeping up: fewer glibc arenas, and freed memory given
-back to the operating system when the engine goes idle.
+"""Keeps the engine's heap from creeping up: fewer glibc arenas, a bounded oneDNN
+kernel cache, and freed memory given back to the operating system when the engine
+goes idle.
 
 OpenVINO allocates and frees many small objects from its worker threads (executors
 made for each new input shape, per-request buffers). glibc keeps what is freed in its
@@ -18,6 +19,13 @@ import time
 from collections.abc import Callable
 
 _M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+# oneDNN keeps the kernels it made for each input shape in a cache of its own, 1024 by
+# default, behind the CPU plugin's (VLM_CPU_RUNTIME_CACHE_CAPACITY). Continuous batching
+# meets a new shape whenever the tokens of a step add up to a new count, so that cache
+# fills over hours of traffic, growing the engine all the while. A quarter of it keeps
+# the shapes a running engine meets again and again.
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256
 
 
 def _libc_function(name: str) -> Callable[..., int] | None:
@@ -45,6 +53,12 @@ def limit_arenas() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(_M_ARENA_MAX, max(2, len(os.sched_getaffinity(0)))))
+
+
+def bound_kernel_cache() -> None:
+    """Caps oneDNN's kernel cache, unless ONEDNN_PRIMITIVE_CACHE_CAPACITY is already
+    set; called before OpenVINO is loaded (oneDNN reads it when it makes the cache)."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
 
 
 class HeapTrimmer:

@@ -19,7 +19,7 @@ import numpy as np
 
 from utils.engine.backend import Backend
 from utils.engine.continuous import CBBackend
-from utils.engine.heap import limit_arenas
+from utils.engine.heap import bound_kernel_cache, limit_arenas
 from utils.engine.messages import EngineFatal, EngineReady, WorkerConfig
 from utils.engine.tags import image_tag
 from utils.engine.types import GenerationRequest, SamplingParams
@@ -106,6 +106,7 @@ def load_backend(conn: Connection, cfg: WorkerConfig) -> Backend:
 def main(conn: Connection, cfg: WorkerConfig) -> None:
     """Process entry point (multiprocessing target)."""
     limit_arenas()  # before OpenVINO starts its threads
+    bound_kernel_cache()
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s [engine] %(name)s: %(message)s",
