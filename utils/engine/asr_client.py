@@ -77,10 +77,6 @@ class AsrClient:
         return self._engine.ready
 
     @property
-    def failed(self) -> bool:
-        return self._engine.failed
-
-    @property
     def pid(self) -> int | None:
         return self._engine.pid
 

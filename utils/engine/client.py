@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +30,6 @@ from utils.engine.supervisor import EngineSupervisor
 from utils.engine.types import GenerationEvent, GenerationRequest, ModelInfo, TokenLogprob
 from utils.errors import OpenAIError
 from utils.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 def _joined(
@@ -102,7 +99,7 @@ class EngineClient:
     @property
     def problem(self) -> str | None:
         """Why the engine is not ready (a crash, a stall, a failed restart), if known."""
-        return None if self._engine.ready else self._engine.problem
+        return self._engine.problem
 
     @property
     def backend(self) -> str:
@@ -136,7 +133,6 @@ class EngineClient:
     async def start(self) -> None:
         """Spawns the worker; returns once the model is loaded and warmed up."""
         await self._engine.start()
-        logger.info("engine backend: %s", self.backend)
 
     async def stop(self) -> None:
         await self._engine.stop()

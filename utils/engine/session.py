@@ -11,8 +11,9 @@ writes what the event loop cannot write at once.
   it) until the rest arrives. The worker side is a plain `Connection`.
 
 A session settles its start-up from `EngineReady` / `EngineFatal` and hands every other
-message to its owner: the chat engine's `StepOutputs` (utils/engine/client.py) or the
-speech engine's transcripts (utils/engine/asr_client.py).
+message to its owner, the process's supervisor (utils/engine/supervisor.py), which
+passes on the chat engine's `StepOutputs` (utils/engine/client.py) or the speech
+engine's transcripts (utils/engine/asr_client.py).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ OutputT = TypeVar("OutputT", contravariant=True)
 
 
 class SessionOwner(Protocol[OutputT]):
-    """What a session reports to (the EngineClient, the AsrClient)."""
+    """What a session reports to (the EngineSupervisor of its process)."""
 
     def on_step(self, session: Session, outputs: OutputT) -> None: ...
 

@@ -140,7 +140,7 @@ class EngineSupervisor(Generic[OutputT]):
             raise
         self.ready = True
         self.problem = None
-        logger.info("%s ready (pid %s)", self.label, process.pid)
+        logger.info("%s ready (%s, pid %s)", self.label, self.started.backend, process.pid)
 
     async def _watch(self) -> None:
         """Catches a process that died without closing its pipe, and one that stalled."""

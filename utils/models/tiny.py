@@ -22,7 +22,6 @@ stays cheap.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -40,8 +39,6 @@ from utils.models.tiny_templates import (
     QWEN2VL_CHAT_TEMPLATE,
     QWEN2VL_SPECIAL_TOKENS,
 )
-
-logger = logging.getLogger(__name__)
 
 ModelKind = Literal[
     "qwen2-vl", "llava", "qwen2.5-vl", "qwen3-vl", "gemma3", "llava-next", "llava-next-video"

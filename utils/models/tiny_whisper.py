@@ -21,14 +21,11 @@ inside functions.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 from utils.models.tiny_common import build_atomically, init_model, source_hash, train_bpe
-
-logger = logging.getLogger(__name__)
 
 WhisperSize = Literal["tiny", "small"]
 
