@@ -17,7 +17,7 @@ import openvino as ov
 import pytest
 
 from tests.fixtures.models import REPO, TEST_SPEC
-from utils.models import export, manifest
+from utils.models import asr_export, export, manifest
 from utils.models.export import CompressionSpec, ensure_model_dir, export_dir_for
 from utils.models.hub import ModelExportError
 from utils.models.manifest import MANIFEST_NAME, check_export
@@ -222,6 +222,46 @@ def test_concurrent_callers_export_once(
         thread.join(timeout=60)
     assert len(calls) == 1
     assert results == [calls[0]] * 3
+
+
+def test_the_chat_and_speech_exports_of_one_process_run_one_after_the_other(
+    qwen2vl_hf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server exports both models from two threads at start-up; two conversions at
+    once race in transformers' lazy imports, so the second waits for the first."""
+    whisper = tmp_path / "whisper"
+    whisper.mkdir()
+    (whisper / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    spans: dict[str, tuple[float, float]] = {}
+
+    def fake(kind: str, required: tuple[str, ...]) -> object:
+        def export_(source: Path, out_dir: Path, *args: object, **kwargs: object) -> Path:
+            started = time.monotonic()
+            time.sleep(0.5)
+            out_dir.mkdir()
+            for name in required:
+                (out_dir / name).write_text("x")
+            manifest.write_manifest(out_dir, {"model": kind})
+            spans[kind] = (started, time.monotonic())
+            return out_dir
+
+        return export_
+
+    monkeypatch.setattr(export, "export_model", fake("chat", manifest.REQUIRED_FILES))
+    monkeypatch.setattr(
+        asr_export, "export_asr_model", fake("speech", asr_export.ASR_REQUIRED_FILES)
+    )
+    threads = [
+        threading.Thread(target=lambda: ensure_model_dir(str(qwen2vl_hf), INT8, tmp_path)),
+        threading.Thread(target=lambda: asr_export.ensure_asr_dir(str(whisper), "fp16", tmp_path)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert set(spans) == {"chat", "speech"}
+    (_, first_end), (second_start, _) = sorted(spans.values())
+    assert first_end <= second_start
 
 
 def test_failed_export_leaves_nothing_that_looks_complete(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return json.loads((directory / MANIFEST_NAME).read_text())
 
 
+# Exports in one process run one at a time, whatever their keys: the chat and speech
+# models are exported by two threads at start-up, and transformers' lazy imports are
+# not thread-safe (a name can be missing while another thread imports its module);
+# two conversions at once would also need their peak memory together.
+_EXPORTING = threading.RLock()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl) held for the duration of the block."""
+    """An exclusive advisory lock (fcntl) held for the duration of the block, and the
+    process's export lock."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
+    with _EXPORTING, path.open("a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
