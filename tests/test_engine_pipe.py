@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import struct
+import subprocess
+import sys
 import time
 import types
 from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +98,35 @@ async def test_session_reads_half_a_message_without_waiting() -> None:
     finally:
         session.close()
         child.close()
+
+
+def test_an_engine_process_imports_only_what_its_entry_point_needs(tmp_path: Path) -> None:
+    """A parent whose main module imports the web stack (as app.py does) starts an
+    engine process: the engine holds none of it (multiprocessing's spawn would run
+    the parent's main module again in the child, as __mp_main__)."""
+    main = tmp_path / "main.py"
+    main.write_text(
+        "import json, fastapi, httpx, PIL.Image\n"
+        "from utils.engine.process import EngineProcess\n"
+        "from tests.fixtures.fake_engine import loaded_modules\n"
+        "if __name__ == '__main__':\n"
+        "    process, conn = EngineProcess.start(loaded_modules, None, 'vlm-test')\n"
+        "    print(json.dumps(conn.recv()))\n"
+        "    process.join(30)\n"
+        "    print(process.exitcode)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(main)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    modules_line, exit_line = done.stdout.splitlines()
+    modules = set(json.loads(modules_line))
+    assert "tests.fixtures.fake_engine" in modules  # found through the parent's sys.path
+    assert not {name.split(".")[0] for name in modules} & {"fastapi", "httpx", "PIL", "uvicorn"}
+    assert exit_line == "0"

@@ -125,7 +125,7 @@ def serve(conn: Connection, engine: WhisperEngine) -> None:
 
 
 def main(conn: Connection, cfg: AsrWorkerConfig) -> None:
-    """Process entry point (multiprocessing target)."""
+    """The engine process's entry point (utils/engine/process.py calls it)."""
     limit_arenas()  # before OpenVINO starts its threads
     bound_kernel_cache()
     logging.basicConfig(

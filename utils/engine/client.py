@@ -1,6 +1,6 @@
 """The API process's side of the engine: a client of the engine process.
 
-`EngineClient` spawns utils/engine/worker.py in its own process (the OpenVINO
+`EngineClient` runs utils/engine/worker.py in its own process (the OpenVINO
 pipeline holds the GIL while it steps) and talks to it over one duplex
 `multiprocessing` pipe (utils/engine/session.py) with the typed messages of
 utils/engine/messages.py. One message per scheduler step holds the outputs of every
@@ -131,7 +131,7 @@ class EngineClient:
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Spawns the worker; returns once the model is loaded and warmed up."""
+        """Starts the worker; returns once the model is loaded and warmed up."""
         await self._engine.start()
 
     async def stop(self) -> None:

@@ -34,6 +34,7 @@ from utils.engine.messages import (
     EngineFatal,
     EngineReady,
 )
+from utils.engine.process import EngineProcess
 
 # Messages up to this size are pickled and sent from the event loop (a request with
 # a few images); larger ones are pickled and sent by the writer thread.
@@ -116,7 +117,7 @@ class Session:
         self,
         owner: SessionOwner[Any],
         loop: asyncio.AbstractEventLoop,
-        process: Any,
+        process: EngineProcess,
         conn: Any,
     ) -> None:
         self.owner = owner

@@ -4,7 +4,7 @@ Both engines (chat: utils/engine/client.py; speech: utils/engine/asr_client.py) 
 a process of their own and talk over a Session (utils/engine/session.py). What happens
 to that process is decided here, the same way for both:
 
-- it is spawned and awaited until it reports ready;
+- it is started (utils/engine/process.py) and awaited until it reports ready;
 - a watch task catches a death the pipe did not report, and a stall (work pending,
   no message and no CPU time for VLM_ENGINE_STALL_TIMEOUT_S; utils/engine/watchdog.py),
   which it ends with a SIGKILL;
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import time
@@ -27,6 +26,7 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from utils.engine.messages import EngineReady, StopEngine
+from utils.engine.process import EngineProcess
 from utils.engine.session import Session
 from utils.engine.watchdog import StallDetector, cpu_seconds
 from utils.errors import OpenAIError
@@ -76,7 +76,6 @@ class EngineSupervisor(Generic[OutputT]):
         self._config = config
         self._process_name = process_name
         self.label = label
-        self._ctx = multiprocessing.get_context("spawn")
         self.session: Session | None = None
         self.ready = False
         self.started: EngineReady | None = None  # what the last ready process reported
@@ -100,9 +99,9 @@ class EngineSupervisor(Generic[OutputT]):
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        """Spawns the process; returns once it is loaded and warmed up."""
+        """Starts the process; returns once it is loaded and warmed up."""
         self._stopping = False
-        await self._spawn()
+        await self._launch()
         self._watch_task = asyncio.create_task(self._watch())
 
     async def stop(self) -> None:
@@ -120,13 +119,10 @@ class EngineSupervisor(Generic[OutputT]):
             await asyncio.to_thread(session.reap, STOP_TIMEOUT_S)
             session.close()
 
-    async def _spawn(self) -> None:
-        parent, child = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(
-            target=self._target, args=(child, self._config), name=self._process_name, daemon=True
+    async def _launch(self) -> None:
+        process, parent = await asyncio.to_thread(
+            EngineProcess.start, self._target, self._config, self._process_name
         )
-        await asyncio.to_thread(process.start)
-        child.close()
         session = Session(self, asyncio.get_running_loop(), process, parent)
         self.session = session
         session.start()
@@ -240,7 +236,7 @@ class EngineSupervisor(Generic[OutputT]):
                     await asyncio.sleep(min(2.0 ** (self._strikes - 1), MAX_RESTART_DELAY_S))
                 self._strikes += 1
                 try:
-                    await self._spawn()
+                    await self._launch()
                     self.restarts += 1
                     return
                 except asyncio.CancelledError:

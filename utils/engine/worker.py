@@ -104,7 +104,7 @@ def load_backend(conn: Connection, cfg: WorkerConfig) -> Backend:
 
 
 def main(conn: Connection, cfg: WorkerConfig) -> None:
-    """Process entry point (multiprocessing target)."""
+    """The engine process's entry point (utils/engine/process.py calls it)."""
     limit_arenas()  # before OpenVINO starts its threads
     bound_kernel_cache()
     logging.basicConfig(
