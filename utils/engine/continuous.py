@@ -117,9 +117,7 @@ class CBBackend(Backend):
     def _add(self, rid: int, prep: Prepared) -> bool:
         try:
             started = time.perf_counter()
-            handle = self.pipe.add_request(
-                rid, prep.prompt, prep.images, prep.videos, prep.config, **prep.media_kwargs()
-            )
+            handle = self._add_request(rid, prep)
             self.add_seconds += 0.2 * (time.perf_counter() - started - self.add_seconds)
         except Exception as exc:
             self.fail(rid, exc)
@@ -127,14 +125,23 @@ class CBBackend(Backend):
         self.active[rid] = ActiveRequest(rid, prep, handle, self.table)
         return True
 
+    def _add_request(self, rid: int, prep: Prepared) -> Any:
+        # Each request is a conversation of its own. The pipeline's inputs embedder
+        # keeps the tokens of every prompt it embeds as chat history (some 24 bytes a
+        # prompt token, never released outside a chat), so the engine would grow with
+        # every request served; finish_chat() clears that history. What the requests
+        # already running need was handed to the pipeline when they were added.
+        self.pipe.finish_chat()
+        return self.pipe.add_request(
+            rid, prep.prompt, prep.images, prep.videos, prep.config, **prep.media_kwargs()
+        )
+
     def _replay(self, active: ActiveRequest) -> None:
         """Runs a request the pipeline dropped again, alone; the tokens it had already
         made must come again (they are not sent twice), else it fails (_read_outputs)."""
         prep = active.prep
         try:
-            handle = self.pipe.add_request(
-                active.rid, prep.prompt, prep.images, prep.videos, prep.config
-            )
+            handle = self._add_request(active.rid, prep)
         except Exception as exc:
             self.fail(active.rid, exc)
             return

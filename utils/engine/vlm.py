@@ -123,6 +123,9 @@ class VLMBackend(Backend):
                 return None
 
         started, overhead = time.perf_counter(), self.overhead_seconds
+        # Outside a chat the pipeline still keeps every prompt's tokens as history, so
+        # the engine would grow with every request; each request starts a fresh one.
+        self.pipe.finish_chat()
         result = self.pipe.generate(
             active.prep.prompt,
             images=active.prep.images,
