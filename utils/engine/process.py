@@ -76,13 +76,12 @@ class EngineProcess:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._popen.wait(timeout)
 
+    # Popen sends no signal to a process it has already reaped.
     def terminate(self) -> None:
-        if self.is_alive():
-            self._popen.terminate()
+        self._popen.terminate()
 
     def kill(self) -> None:
-        if self.is_alive():
-            self._popen.kill()
+        self._popen.kill()
 
 
 def _main() -> None:
