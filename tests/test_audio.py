@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -164,6 +165,31 @@ def test_models_and_metrics(client: openai.OpenAI, base_url: str) -> None:
     assert values["vlm_asr_audio_seconds_total"] >= 2.0
     assert values["vlm_asr_transcriptions_total"] >= 1
     assert values["vlm_asr_real_time_factor"] > 0
+
+
+def thread_nice_values(pid: int) -> set[int]:
+    """The nice value of every thread of process `pid` (field 19 of its stat lines)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        values.add(int(stat[stat.rindex(")") + 2 :].split()[16]))
+    return values
+
+
+def test_the_speech_engine_runs_below_the_chat_engines_priority(
+    client: openai.OpenAI, base_url: str, live_server: LiveServers
+) -> None:
+    """Every thread of the speech engine, OpenVINO's too, runs VLM_ASR_NICENESS (10 by
+    default) below the chat engine, so chat streams keep the cores while both run."""
+    transcribe(client)  # OpenVINO's threads have started
+    state = app_state(live_server.app(base_url))
+    assert state.asr is not None and state.asr.pid is not None
+    assert state.engine is not None and state.engine.pid is not None
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert thread_nice_values(state.engine.pid) == {own}
+    speech_threads = thread_nice_values(state.asr.pid)
+    assert speech_threads == {min(own + 10, 19)}
+    assert len(list(Path(f"/proc/{state.asr.pid}/task").iterdir())) > 1
 
 
 # --- refusals ----------------------------------------------------------------------

@@ -252,6 +252,14 @@ class Settings(BaseSettings):
     asr_weight_format: Literal["fp16", "int8"] = Field(
         "fp16", description="Weight format of the exported Whisper model."
     )
+    asr_niceness: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the speech engine's CPU priority is than the chat "
+        "engine's (a nice increment): a transcription yields the cores to chat streams "
+        "while both run, and runs at full speed alone. 0: the same priority.",
+    )
     audio_max_duration_s: float = Field(
         1200.0, gt=0.0, description="Longest audio accepted (a file or a chat audio part)."
     )

@@ -59,6 +59,7 @@ class AsrClient:
             device=settings.device,
             ov_config=engine_properties(settings),
             log_level=settings.log_level,
+            niceness=settings.asr_niceness,
         )
         self._engine: EngineSupervisor[AsrOutput] = EngineSupervisor(
             settings, self, target, config, process_name="vlm-asr", label="speech engine"
