@@ -167,12 +167,14 @@ def test_models_and_metrics(client: openai.OpenAI, base_url: str) -> None:
     assert values["vlm_asr_real_time_factor"] > 0
 
 
-def thread_nice_values(pid: int) -> set[int]:
-    """The nice value of every thread of process `pid` (field 19 of its stat lines)."""
-    values = set()
+def thread_nice_values(pid: int) -> dict[str, int]:
+    """The nice value of every thread of process `pid` (field 19 of its stat lines), by
+    thread id and name."""
+    values = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         stat = (task / "stat").read_text()
-        values.add(int(stat[stat.rindex(")") + 2 :].split()[16]))
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        values[f"{task.name} {name}"] = int(stat[stat.rindex(")") + 2 :].split()[16])
     return values
 
 
@@ -186,10 +188,10 @@ def test_the_speech_engine_runs_below_the_chat_engines_priority(
     assert state.asr is not None and state.asr.pid is not None
     assert state.engine is not None and state.engine.pid is not None
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    assert thread_nice_values(state.engine.pid) == {own}
+    assert set(thread_nice_values(state.engine.pid).values()) == {own}
     speech_threads = thread_nice_values(state.asr.pid)
-    assert speech_threads == {min(own + 10, 19)}
-    assert len(list(Path(f"/proc/{state.asr.pid}/task").iterdir())) > 1
+    assert set(speech_threads.values()) == {min(own + 10, 19)}, speech_threads
+    assert len(speech_threads) > 1
 
 
 # --- refusals ----------------------------------------------------------------------

@@ -59,10 +59,17 @@ class AsrClient:
             device=settings.device,
             ov_config=engine_properties(settings),
             log_level=settings.log_level,
-            niceness=settings.asr_niceness,
         )
+        # A transcription is a batch job, a chat stream is someone waiting for the
+        # next token; on a CPU the two engines share the cores.
         self._engine: EngineSupervisor[AsrOutput] = EngineSupervisor(
-            settings, self, target, config, process_name="vlm-asr", label="speech engine"
+            settings,
+            self,
+            target,
+            config,
+            process_name="vlm-asr",
+            label="speech engine",
+            niceness=settings.asr_niceness,
         )
         self._pending: dict[int, asyncio.Future[Transcript]] = {}
         self._ids = itertools.count(1)

@@ -26,7 +26,6 @@ class AsrWorkerConfig:
     device: str = "CPU"
     ov_config: dict[str, Any] = field(default_factory=dict)
     log_level: str = "info"
-    niceness: int = 0  # added to the process's nice value before OpenVINO starts threads
 
 
 class Transcribe(NamedTuple):

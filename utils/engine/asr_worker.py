@@ -14,7 +14,6 @@ the process (SIGSEGV) on the first request that also asks for segment timestamps
 from __future__ import annotations
 
 import logging
-import os
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -127,10 +126,6 @@ def serve(conn: Connection, engine: WhisperEngine) -> None:
 
 def main(conn: Connection, cfg: AsrWorkerConfig) -> None:
     """The engine process's entry point (utils/engine/process.py calls it)."""
-    # Threads inherit the nice value of the thread that starts them, so this comes
-    # before OpenVINO's: a transcription is a batch job, a chat stream is interactive.
-    if cfg.niceness:
-        os.nice(cfg.niceness)
     limit_arenas()  # before OpenVINO starts its threads
     bound_kernel_cache()
     logging.basicConfig(

@@ -38,16 +38,17 @@ class EngineProcess:
 
     @classmethod
     def start(
-        cls, entry: Callable[[Any, Any], None], config: Any, name: str
+        cls, entry: Callable[[Any, Any], None], config: Any, name: str, niceness: int = 0
     ) -> tuple[EngineProcess, Connection]:
         """Starts the program and hands it `entry` and `config`; returns it with the
-        parent's end of the pipe (blocking: call it in a thread)."""
+        parent's end of the pipe (blocking: call it in a thread). `niceness` is added
+        to the program's nice value before it starts any thread."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
         try:
             popen = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(theirs.fileno()), name],
+                [sys.executable, "-m", __name__, str(theirs.fileno()), name, str(niceness)],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
                 env=env,
@@ -85,6 +86,10 @@ class EngineProcess:
 
 
 def _main() -> None:
+    # Linux keeps a nice value per thread and a new thread inherits its creator's, so
+    # this comes first: every thread OpenVINO or a library starts later has it too.
+    if niceness := int(sys.argv[3]):
+        os.nice(niceness)
     conn = Connection(int(sys.argv[1]))
     parent_path = conn.recv()
     sys.path[:0] = [entry for entry in parent_path if entry not in sys.path]

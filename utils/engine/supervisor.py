@@ -67,14 +67,17 @@ class EngineSupervisor(Generic[OutputT]):
         *,
         process_name: str,
         label: str,
+        niceness: int = 0,
     ) -> None:
         """`target(conn, config)` is the process's entry point; `label` names the
-        engine in logs and error messages ("inference engine", "speech engine")."""
+        engine in logs and error messages ("inference engine", "speech engine");
+        `niceness` lowers the process's CPU priority by that much."""
         self._settings = settings
         self._owner = owner
         self._target = target
         self._config = config
         self._process_name = process_name
+        self._niceness = niceness
         self.label = label
         self.session: Session | None = None
         self.ready = False
@@ -121,7 +124,7 @@ class EngineSupervisor(Generic[OutputT]):
 
     async def _launch(self) -> None:
         process, parent = await asyncio.to_thread(
-            EngineProcess.start, self._target, self._config, self._process_name
+            EngineProcess.start, self._target, self._config, self._process_name, self._niceness
         )
         session = Session(self, asyncio.get_running_loop(), process, parent)
         self.session = session
