@@ -168,14 +168,14 @@ def test_models_and_metrics(client: openai.OpenAI, base_url: str) -> None:
 
 
 def thread_nice_values(pid: int) -> dict[str, int]:
-    """The nice value of every thread of process `pid` (field 19 of its stat lines), by
-    thread id and name."""
-    values = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        values[f"{task.name} {name}"] = int(stat[stat.rindex(")") + 2 :].split()[16])
-    return values
+    """The nice value of every thread of process `pid`, by thread id and name (Linux
+    keeps one per thread, and getpriority takes a thread id)."""
+    return {
+        f"{task.name} {(task / 'comm').read_text().strip()}": os.getpriority(
+            os.PRIO_PROCESS, int(task.name)
+        )
+        for task in Path(f"/proc/{pid}/task").iterdir()
+    }
 
 
 def test_the_speech_engine_runs_below_the_chat_engines_priority(
